@@ -1,0 +1,42 @@
+# make demo   set up, then run the main recipe on the embedded default data
+# make test   set up, then lint and run the whole test suite (what CI runs)
+# make bench  set up, then print the speed benchmarks
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup data demo test lint bench clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Fashion-MNIST, the default dataset: found locally, else Debian's dataset-fashion-mnist
+# (where apt is usable), else the normal Keras download.
+data: $(VENV)/.installed
+	@$(PY) -c "import sys; from common.data import find_fashion_mnist as f; d = f(); print('Fashion-MNIST:', d); sys.exit(d is None)" \
+	|| { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	     && { apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+	          || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; }; } \
+	|| $(PY) -c "import keras; keras.datasets.fashion_mnist.load_data()"
+
+demo: setup
+	$(PY) -m recipes.weight_transfer
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m tests.benchmarks.run_all
+
+clean:
+	rm -rf runs .pytest_cache

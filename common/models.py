@@ -1,0 +1,201 @@
+"""Model builders, weight copy, and freeze/unfreeze helpers.
+
+Every classifier here emits logits (no softmax layer): pair it with
+``SparseCategoricalCrossentropy(from_logits=True)``, as ``compile_classifier`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+from keras import layers
+
+# keras.applications backbones: constructor, its own preprocess_input, and the smallest
+# input side it accepts (Keras checks this when weights are loaded; smaller inputs
+# collapse the feature map to nothing).
+BACKBONES = {
+    "mobilenet_v2": (keras.applications.MobileNetV2, keras.applications.mobilenet_v2.preprocess_input, 32),
+    "efficientnet_b0": (keras.applications.EfficientNetB0, keras.applications.efficientnet.preprocess_input, 32),
+    "resnet50": (keras.applications.ResNet50, keras.applications.resnet50.preprocess_input, 32),
+    "vgg16": (keras.applications.VGG16, keras.applications.vgg16.preprocess_input, 32),
+    "densenet121": (keras.applications.DenseNet121, keras.applications.densenet.preprocess_input, 32),
+}
+
+
+def build_cnn(input_shape: tuple[int, int, int], num_classes: int, name: str = "cnn") -> keras.Model:
+    """The seed recipe's CNN: Conv32-Pool-Conv64-Pool-Conv64, Dense64, logits.
+
+    Layers are named, so two models from this builder line up for ``copy_weights``.
+    """
+    return keras.Sequential(
+        [
+            keras.Input(input_shape),
+            layers.Conv2D(32, 3, activation="relu", name="conv1"),
+            layers.MaxPooling2D(name="pool1"),
+            layers.Conv2D(64, 3, activation="relu", name="conv2"),
+            layers.MaxPooling2D(name="pool2"),
+            layers.Conv2D(64, 3, activation="relu", name="conv3"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(64, activation="relu", name="dense"),
+            layers.Dense(num_classes, name="classifier"),
+        ],
+        name=name,
+    )
+
+
+def build_bn_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 32, dropout: float = 0.3,
+                 name: str = "bn_cnn") -> keras.Model:  # fmt: skip
+    """A small convolutional backbone with BatchNormalization, then a logits head.
+
+    Three blocks of (Conv-BN-ReLU) x2 + max-pool, widths ``width``, 2x, 4x, then global
+    average pooling, dropout and the classifier. The backbone is the sub-model named
+    ``"base"`` (``model.get_layer("base")``), so it can be frozen or reused as a unit.
+    """
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for block, filters in enumerate((width, 2 * width, 4 * width), start=1):
+        for conv in (1, 2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
+            x = layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = layers.ReLU(name=f"block{block}_relu{conv}")(x)
+        x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    base = keras.Model(inputs, x, name="base")
+    return add_head(base, num_classes, dropout, name=name)
+
+
+def add_head(base: keras.Model, num_classes: int, dropout: float = 0.2, name: str = "classifier_model") -> keras.Model:
+    """``base`` -> [global pooling if its output is a feature map] -> dropout -> Dense logits.
+
+    The base is called with ``training=False``: its BatchNormalization layers stay in
+    inference mode even when the base is later unfrozen for fine-tuning (Keras guide,
+    "Transfer learning & fine-tuning").
+    """
+    inputs = keras.Input(base.input_shape[1:])
+    x = base(inputs, training=False)
+    if len(x.shape) == 4:
+        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(x)
+    outputs = layers.Dense(num_classes, name="classifier")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | None = None) -> keras.Model:
+    """A ``keras.applications`` model without its top, as a feature extractor.
+
+    ``weights``: ``"imagenet"`` (downloads once), ``None`` (random init) or a path to a
+    local weights file of the same architecture.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    constructor, _, min_side = BACKBONES[name]
+    height, width, channels = input_shape
+    if channels != 3 or min(height, width) < min_side:
+        raise ValueError(
+            f"backbone {name} needs RGB inputs of at least {min_side}x{min_side}, got {input_shape}; "
+            "pass a larger image size (inputs are resized and converted to RGB for you)"
+        )
+    local_file = weights not in (None, "imagenet")
+    if local_file and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file {weights!r} for backbone {name} does not exist")
+    base = constructor(include_top=False, weights=None if local_file else weights, input_shape=input_shape)
+    if local_file:
+        try:
+            base.load_weights(weights)
+        except Exception as error:
+            raise ValueError(f"weights file {weights!r} does not fit backbone {name}: {error}") from error
+    return base
+
+
+def backbone_preprocess(name: str):
+    """The backbone's own ``preprocess_input``, taking images in [0, 1] (ours) not [0, 255]."""
+    preprocess = BACKBONES[name][1]
+    return lambda images: preprocess(images * 255.0)
+
+
+def compile_classifier(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+    """Adam + sparse cross-entropy on logits + accuracy. Call again after (un)freezing."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    return model
+
+
+# --- Weight copy ------------------------------------------------------------------
+
+
+@dataclass
+class WeightCopy:
+    """What ``copy_weights`` did: copied layer names, and skipped ones with the reason."""
+
+    copied: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        skipped = ", ".join(f"{name} ({why})" for name, why in self.skipped) or "none"
+        return f"copied {len(self.copied)} layers: {', '.join(self.copied)}; skipped: {skipped}"
+
+
+def copy_weights(source: keras.Model, target: keras.Model, exclude: tuple[str, ...] = ()) -> WeightCopy:
+    """Copy weights layer by layer where the shapes fit; report what was copied and skipped.
+
+    Layers that hold weights are paired in order (the two models share an architecture,
+    possibly with a different classifier). A pair is skipped when the target layer is in
+    ``exclude`` or its weight shapes differ. Raises ``ValueError`` if nothing fits.
+    """
+    source_layers = [layer for layer in source.layers if layer.weights]
+    target_layers = [layer for layer in target.layers if layer.weights]
+    report = WeightCopy()
+    for position, target_layer in enumerate(target_layers):
+        if target_layer.name in exclude:
+            report.skipped.append((target_layer.name, "excluded"))
+            continue
+        if position >= len(source_layers):
+            report.skipped.append((target_layer.name, "no source layer at this position"))
+            continue
+        source_weights = source_layers[position].get_weights()
+        source_shapes = [w.shape for w in source_weights]
+        target_shapes = [tuple(w.shape) for w in target_layer.weights]
+        if source_shapes != target_shapes:
+            report.skipped.append((target_layer.name, f"shape {target_shapes} != source {source_shapes}"))
+            continue
+        target_layer.set_weights(source_weights)
+        report.copied.append(target_layer.name)
+    if not report.copied:
+        raise ValueError(
+            f"no layer of {source.name!r} fits {target.name!r}; nothing copied. Skipped: "
+            + "; ".join(f"{name}: {why}" for name, why in report.skipped)
+        )
+    return report
+
+
+# --- Freezing ---------------------------------------------------------------------
+
+
+def freeze(model: keras.Model) -> keras.Model:
+    """Make every weight of ``model`` non-trainable. Compile (again) afterwards."""
+    model.trainable = False
+    return model
+
+
+def unfreeze_top(base: keras.Model, num_layers: int) -> list[str]:
+    """Unfreeze the top ``num_layers`` layers that hold weights; BatchNorm stays frozen.
+
+    Returns the names of the layers now trainable. Compile (again) afterwards, with a
+    learning rate 10-100x lower than the head's.
+    """
+    weighted = [layer for layer in base.layers if layer.weights]
+    if not 0 <= num_layers <= len(weighted):
+        raise ValueError(f"cannot unfreeze {num_layers} layers: {base.name} has {len(weighted)} layers with weights")
+    base.trainable = True
+    top = set(id(layer) for layer in weighted[len(weighted) - num_layers :]) if num_layers else set()
+    unfrozen = []
+    for layer in base.layers:
+        layer.trainable = id(layer) in top and not isinstance(layer, layers.BatchNormalization)
+        if layer.trainable and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
