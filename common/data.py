@@ -28,6 +28,7 @@ import numpy as np
 BUILTIN_DATASETS = ("fashion_mnist", "digits", "mnist", "cifar10")
 PREFIXED_DATASETS = ("tfds:<name>", "folder:<path>")
 DATA_DIR_ENV = "RECIPES_DATA_DIR"
+DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # package dataset-fashion-mnist
 
 FASHION_MNIST_FILES = {
     "x_train": "train-images-idx3-ubyte.gz",
@@ -93,7 +94,7 @@ def fashion_mnist_search_dirs() -> list[Path]:
         root = Path(os.environ[DATA_DIR_ENV])
         dirs += [root / "fashion-mnist", root]
     keras_home = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras"))
-    dirs += [keras_home / "datasets" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
+    dirs += [keras_home / "datasets" / "fashion-mnist", DEBIAN_FASHION_MNIST_DIR]
     return dirs
 
 
@@ -190,9 +191,11 @@ def _load_tfds(name: str, image_size: int | None, seed: int) -> Dataset:
     try:
         builder = tfds.builder(name)
     except Exception as error:  # tfds raises its own DatasetNotFoundError
-        raise ValueError(f"unknown TFDS dataset {name!r} ({error}); see tfds.list_builders()") from error
+        reason = str(error).splitlines()[0]  # the rest lists every TFDS name
+        raise ValueError(f"unknown TFDS dataset {name!r} ({reason}); see tfds.list_builders()") from error
     image_key, label_key = _tfds_keys(builder.info)
-    splits = list(builder.info.splits.keys())
+    # Split names come from the dataset's metadata; without it (tfds.testing.mock_data) assume train/test.
+    splits = list(builder.info.splits.keys()) or ["train", "test"]
     size = image_size or _fixed_size(builder.info.features[image_key].shape, name)
 
     def as_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -49,13 +49,15 @@ class Config(RecipeConfig):
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
     labels_per_class: int = knob(10, "Target training images per class (the label budget).")
     budgets: str = knob("", "Sweep several label budgets, e.g. '10,50,200' (overrides --labels-per-class).")
+    source_images: int = knob(0, "Source training images to use, drawn evenly per class (0: all).")
     source_epochs: int = knob(3, "Epochs on the source task.")
-    epochs: int = knob(40, "Epochs of each target variant over its labeled images.")
-    batch_size: int = knob(32, "Batch size (global, across replicas).")
+    epochs: int = knob(60, "Epochs of each target variant over its labeled images.")
+    batch_size: int = knob(16, "Batch size (global, across replicas).")
     learning_rate: float = knob(1e-3, "Adam learning rate for the source model and the from-scratch baseline.")
-    fine_tune_learning_rate: float = knob(3e-4, "Adam learning rate for the transferred models.")
+    fine_tune_learning_rate: float = knob(1e-3, "Adam learning rate for the transferred models.")
+    fresh_layers: str = knob("dense,classifier", "Layers re-initialised in the target model; all others are copied.")
 
-    QUICK = dict(source_epochs=1, epochs=2, budgets="")
+    QUICK = dict(source_images=1000, source_epochs=1, epochs=2)
 
 
 # --- Steps ------------------------------------------------------------------------
@@ -89,12 +91,16 @@ def check_budgets(target: data.Dataset, budgets: list[int]) -> None:
 
 
 def train_source_model(source: data.Dataset, config: Config, strategy) -> tuple[keras.Model, dict]:
-    """Train the CNN on every training image of the source classes."""
+    """Train the CNN on the training images of the source classes (all, unless ``source_images``)."""
+    x, y = source.x_train, source.y_train
+    if config.source_images:
+        picked = data.sample_per_class(y, config.source_images // source.num_classes, config.seed)
+        x, y = x[picked], y[picked]
     with strategy.scope():
         model = models.compile_classifier(
             models.build_cnn(source.input_shape, source.num_classes, name="source"), config.learning_rate
         )
-    train = data.make_pipeline(source.x_train, source.y_train, config.batch_size, shuffle=True, seed=config.seed)
+    train = data.make_pipeline(x, y, config.batch_size, shuffle=True, seed=config.seed)
     test = data.make_pipeline(source.x_test, source.y_test, 512)
     history = model.fit(train, epochs=config.source_epochs, validation_data=test, verbose=2)
     return model, history.history
@@ -103,19 +109,20 @@ def train_source_model(source: data.Dataset, config: Config, strategy) -> tuple[
 def build_target_model(variant: str, source_model: keras.Model, target: data.Dataset, config: Config, strategy):
     """A model of the source's architecture for the target task, initialised per variant.
 
-    ``scratch``: random weights. ``transfer``: every layer but the classifier copied from
-    the source, all trainable. ``frozen``: the same copy, but only the classifier trains.
+    ``scratch``: random weights. ``transfer``: every layer but the fresh ones copied from
+    the source, all trainable. ``frozen``: the same copy kept frozen; only the fresh top trains.
     """
+    fresh_layers = tuple(name.strip() for name in config.fresh_layers.split(",") if name.strip())
     with strategy.scope():
         model = models.build_cnn(target.input_shape, target.num_classes, name=variant)
         learning_rate = config.learning_rate
         if variant in ("transfer", "frozen"):
-            copied = models.copy_weights(source_model, model, exclude=("classifier",))
+            copied = models.copy_weights(source_model, model, exclude=fresh_layers)
             print(f"[{variant}] {copied}")
             learning_rate = config.fine_tune_learning_rate
         if variant == "frozen":
             for layer in model.layers:
-                layer.trainable = layer.name == "classifier"
+                layer.trainable = layer.name not in copied.copied
         # Compile after setting `trainable`, or the change is ignored.
         models.compile_classifier(model, learning_rate)
     return model

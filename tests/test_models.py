@@ -1,0 +1,123 @@
+"""Unit tests of common.models: builders, backbones, weight copy, freezing."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from common import models
+
+
+def test_build_cnn_is_the_seed_architecture_emitting_logits():
+    model = models.build_cnn((28, 28, 1), 5)
+    names = [layer.name for layer in model.layers]
+    assert names == ["conv1", "pool1", "conv2", "pool2", "conv3", "flatten", "dense", "classifier"]
+    assert model.output_shape == (None, 5)
+    assert model.get_layer("classifier").activation is keras.activations.linear  # logits, no softmax
+    assert model.count_params() == 92_997
+
+
+def test_build_bn_cnn_has_a_base_with_batchnorm():
+    model = models.build_bn_cnn((28, 28, 1), 10, width=8)
+    base = model.get_layer("base")
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in base.layers)
+    assert base.output_shape == (None, 32)
+    assert model.output_shape == (None, 10)
+
+
+def test_add_head_pools_feature_maps():
+    base = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3)], name="b")
+    model = models.add_head(base, 3, dropout=0.1)
+    assert model.output_shape == (None, 3)
+    assert "head_pool" in [layer.name for layer in model.layers]
+
+
+def test_compile_classifier_uses_logits_loss():
+    model = models.compile_classifier(models.build_cnn((28, 28, 1), 2), 0.01)
+    assert model.loss.get_config()["from_logits"] is True
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01)
+
+
+# --- Backbones ----------------------------------------------------------------------
+
+
+def test_backbone_with_random_weights_and_preprocessing():
+    base = models.build_backbone("mobilenet_v2", (32, 32, 3), weights=None)
+    assert base.output_shape == (None, 1, 1, 1280)
+    preprocess = models.backbone_preprocess("mobilenet_v2")
+    np.testing.assert_allclose(preprocess(np.array([0.0, 1.0])), [-1.0, 1.0])  # [0, 1] -> [-1, 1]
+
+
+def test_backbone_errors():
+    with pytest.raises(ValueError, match="unknown backbone 'alexnet'; choose one of mobilenet_v2"):
+        models.build_backbone("alexnet", (32, 32, 3))
+    with pytest.raises(ValueError, match="needs RGB inputs of at least 32x32, got \\(28, 28, 1\\)"):
+        models.build_backbone("resnet50", (28, 28, 1))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.build_backbone("mobilenet_v2", (32, 32, 3), weights="/no/such.weights.h5")
+
+
+def test_backbone_local_weights_file(tmp_path):
+    trained = models.build_backbone("mobilenet_v2", (32, 32, 3), weights=None)
+    path = tmp_path / "mnv2.weights.h5"
+    trained.save_weights(path)
+    loaded = models.build_backbone("mobilenet_v2", (32, 32, 3), weights=str(path))
+    for a, b in zip(trained.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="does not fit backbone efficientnet_b0"):
+        models.build_backbone("efficientnet_b0", (32, 32, 3), weights=str(path))
+
+
+# --- Weight copy --------------------------------------------------------------------
+
+
+def test_copy_weights_copies_all_but_excluded():
+    source, target = models.build_cnn((28, 28, 1), 5), models.build_cnn((28, 28, 1), 5)
+    report = models.copy_weights(source, target, exclude=("classifier",))
+    assert report.copied == ["conv1", "conv2", "conv3", "dense"]
+    assert report.skipped == [("classifier", "excluded")]
+    for name in report.copied:
+        for a, b in zip(source.get_layer(name).weights, target.get_layer(name).weights):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert not np.array_equal(source.get_layer("classifier").kernel.numpy(), target.get_layer("classifier").kernel)
+    assert "copied 4 layers" in str(report)
+
+
+def test_copy_weights_skips_shapes_that_do_not_fit():
+    report = models.copy_weights(models.build_cnn((28, 28, 1), 5), models.build_cnn((28, 28, 1), 3))
+    assert report.copied == ["conv1", "conv2", "conv3", "dense"]
+    assert report.skipped[0][0] == "classifier" and "shape" in report.skipped[0][1]
+
+
+def test_copy_weights_errors_when_nothing_fits():
+    source = models.build_cnn((28, 28, 1), 5)
+    target = models.build_cnn((28, 28, 3), 7)  # conv1 sees 3 channels, the classifier has 7 outputs
+    target_small = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="tiny")
+    with pytest.raises(ValueError, match="no layer of 'cnn' fits 'tiny'; nothing copied"):
+        models.copy_weights(source, target_small)
+    report = models.copy_weights(source, target)  # the layers after conv1 still fit
+    assert report.copied == ["conv2", "conv3", "dense"]
+    assert [name for name, _ in report.skipped] == ["conv1", "classifier"]
+
+
+# --- Freezing -------------------------------------------------------------------------
+
+
+def test_freeze_leaves_nothing_trainable():
+    model = models.freeze(models.build_cnn((28, 28, 1), 2))
+    assert model.trainable_weights == [] and len(model.non_trainable_weights) == 10
+
+
+def test_unfreeze_top_keeps_batchnorm_frozen():
+    base = models.build_bn_cnn((16, 16, 1), 2, width=4).get_layer("base")
+    models.freeze(base)
+    unfrozen = models.unfreeze_top(base, 4)
+    assert unfrozen == ["block3_conv1", "block3_conv2"]  # the top 4 weighted layers: conv, BN, conv, BN
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable
+    assert all(not base.get_layer(n).trainable for n in ("block1_conv1", "block2_conv2"))
+    assert models.unfreeze_top(base, 0) == []
+    with pytest.raises(ValueError, match="cannot unfreeze 99 layers: base has 12 layers with weights"):
+        models.unfreeze_top(base, 99)
