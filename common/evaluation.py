@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 
 # --- Metrics ----------------------------------------------------------------------
@@ -64,6 +65,17 @@ def mean_confidence_interval(values, z: float = 1.96) -> tuple[float, float]:
     values = np.asarray(values, dtype=np.float64)
     half_width = z * values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
     return float(values.mean()), float(half_width)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Logs each epoch's wall time as ``epoch_seconds``, so it lands in the history and history.csv."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:  # the History callback runs after this one and records it
+            logs["epoch_seconds"] = time.perf_counter() - self._start
 
 
 # --- The comparison every recipe reports --------------------------------------------

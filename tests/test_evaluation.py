@@ -122,3 +122,10 @@ def test_write_json_atomic_never_leaves_a_half_written_file(tmp_path):
         evaluation.write_json_atomic(path, {"ok": 1, "broken": object()})  # fails mid-write
     assert json.loads(path.read_text()) == {"ok": 0.5, "n": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary left behind
+
+
+def test_epoch_timer_logs_epoch_seconds():
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    history = model.fit(np.ones((8, 2)), np.ones(8), epochs=3, verbose=0, callbacks=[evaluation.EpochTimer()])
+    assert len(history.history["epoch_seconds"]) == 3 and all(t > 0 for t in history.history["epoch_seconds"])
