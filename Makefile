@@ -6,7 +6,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: help setup data demo test lint bench clean
+
+help:
+	@echo "make demo    set up (venv, requirements, Fashion-MNIST), then run python -m recipes.weight_transfer"
+	@echo "make test    set up, then ruff and the whole test suite (CI runs this via bash .ci/run)"
+	@echo "make bench   set up, then run the speed benchmarks in tests/benchmarks/"
+	@echo "make setup   only the set-up; make lint: only ruff; make clean: remove runs/"
 
 setup: $(VENV)/.installed data
 

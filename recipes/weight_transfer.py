@@ -110,7 +110,7 @@ def train_source_model(source: data.Dataset, config: Config, strategy) -> tuple[
     train = data.make_pipeline(x, y, config.source_batch_size, shuffle=True, seed=config.seed)
     test = data.make_pipeline(source.x_test, source.y_test, 512)
     history = model.fit(
-        train, epochs=config.source_epochs, validation_data=test, verbose=2, callbacks=[evaluation.EpochTimer()]
+        train, epochs=config.source_epochs, validation_data=test, verbose="auto", callbacks=[evaluation.EpochTimer()]
     )
     return model, history.history
 
