@@ -36,9 +36,10 @@ What the default run does (``python -m recipes.maml``), the paper's sinusoid reg
    predictions before and after adaptation).
 
 The paper reports MSE 0.67 / 0.38 / 0.35 after 1 / 5 / 10 steps for MAML (70,000
-iterations) and 2.41 / 2.23 / 2.19 for the pretrained network. Our default uses fewer
-iterations and meets or beats the paper's MAML figures in a few minutes on two CPU cores
-(see the README's table for measured numbers).
+iterations) and 2.41 / 2.23 / 2.19 for the pretrained network. Our default runs 20,000
+iterations (about 3 ms each, the whole run about two minutes on two CPU cores) and
+measured MAML 0.38 / 0.15 / 0.12 against pretrained 2.21 / 1.71 / 1.66 (seed 0; our MSE is
+on 100 query points per task, a less noisy estimate than the paper's).
 
 N-way K-shot classification (``--dataset fashion_mnist``, ``tfds:omniglot``, ``folder:``):
 classes are split into disjoint meta-train (``--train-classes``) and meta-test classes
@@ -52,6 +53,11 @@ features are frozen and a new N-way head is fitted on the support set. BatchNorm
 the statistics of the current batch both at meta-training and at meta-test time, as in
 the original MAML (there are no running averages to carry over from other tasks); at
 meta-test the query images of an episode are normalised together (transductive).
+Fashion-MNIST 5-way, 600 episodes, 10 adaptation steps, seed 0: MAML 52.1% +- 0.9 (1-shot)
+and 75.1% +- 0.8 (5-shot) against 46.3% and 65.4% for the pretrained features with a new
+head (chance 20%); about 17 minutes on two busy CPU cores, most of it second-order
+meta-training. ``--algorithm fomaml`` is cheaper; ``reptile`` wants ``--inner-steps 5`` or
+more (with one step it is plain joint training).
 """
 
 from __future__ import annotations
