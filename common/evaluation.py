@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -129,7 +130,7 @@ def comparison_table(record: dict) -> str:
 def _pyplot():
     import matplotlib
 
-    if not os.environ.get("MPLBACKEND") and "ipykernel" not in __import__("sys").modules:
+    if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
         matplotlib.use("Agg")  # no screen needed when running from a terminal or CI
     import matplotlib.pyplot as plt
 
@@ -258,6 +259,8 @@ def write_run(run_dir: Path, config, record: dict, histories: dict[str, dict] | 
     write_history_csv(run_dir / "history.csv", histories or {})
     for stem, figure in (figures or {}).items():
         figure.savefig(run_dir / f"{stem}.png", dpi=110)
+        if "ipykernel" not in sys.modules:  # in Jupyter the figure stays open to be shown inline
+            _pyplot().close(figure)
     if model is not None:
         model.save(run_dir / "model.keras")
     write_json_atomic(run_dir / "metrics.json", record)

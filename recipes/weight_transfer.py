@@ -146,7 +146,7 @@ def run_budget(budget: int, source_model, target: data.Dataset, config: Config, 
     """Train the three variants on the same ``budget`` images per class; evaluate each."""
     picked = data.sample_per_class(target.y_train, budget, config.seed)
     x, y = target.x_train[picked], target.y_train[picked]
-    results = {}
+    results = {"labeled_indices": picked.tolist()}
     for variant in VARIANTS:
         start = time.perf_counter()
         model = build_target_model(variant, source_model, target, config, strategy)
@@ -193,6 +193,7 @@ def run(config: Config) -> dict:
         source_test_accuracy=source_accuracy,
         budgets=budgets,
         test_accuracy_by_budget=sweep,
+        labeled_indices=headline["labeled_indices"],  # which target training images the budget drew
     )
 
     histories = {"source": source_history} | {name: headline[name]["history"] for name in VARIANTS}

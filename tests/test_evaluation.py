@@ -108,6 +108,7 @@ def test_write_run_writes_every_artifact(tmp_path):
     assert json.loads((run_dir / "config.json").read_text()) == {"seed": 0, "note": "x"}
     assert json.loads((run_dir / "metrics.json").read_text()) == RECORD
     assert (run_dir / "cm.png").stat().st_size > 1000
+    assert not evaluation._pyplot().fignum_exists(figure.number)  # saved, then closed: no leak across runs
     assert keras.models.load_model(run_dir / "model.keras").output_shape == (None, 2)
     rows = list(csv.DictReader(open(run_dir / "history.csv")))
     assert [(r["phase"], r["epoch"]) for r in rows] == [("phase1", "1"), ("phase1", "2"), ("phase2", "1")]

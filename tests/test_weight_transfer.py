@@ -21,8 +21,20 @@ def run_quick(tmp_path: Path, *flags: str) -> dict:
     return weight_transfer.main(["--quick", "--out", str(tmp_path), *flags])
 
 
-def test_quick_run_writes_the_run_folder(tmp_path):
-    record = run_quick(tmp_path)
+def without_timings(variants: dict) -> dict:
+    """Wall-clock times differ from run to run; everything else must not."""
+    return {name: {k: v for k, v in figures.items() if not k.endswith("seconds")} for name, figures in variants.items()}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[dict, Path]:
+    """One quick run shared by the tests that only read its output (each run costs ~30 s)."""
+    out = tmp_path_factory.mktemp("quick")
+    return run_quick(out, "--seed", "4"), out
+
+
+def test_quick_run_writes_the_run_folder(quick_run):
+    record, tmp_path = quick_run
     assert set(record["variants"]) == {"scratch", "transfer", "frozen"}
     assert record["recipe"] == "weight_transfer" and record["baseline"] == "scratch"
     assert record["metric"] == "test_accuracy" and record["dataset"] == "fashion_mnist"
@@ -43,12 +55,14 @@ def test_budget_sweep(tmp_path):
     assert record["variants"]["transfer"]["labels_per_class"] == 1  # the headline is the smallest budget
 
 
-def test_same_seed_same_split_and_metrics(tmp_path):
-    first = run_quick(tmp_path / "a", "--seed", "4")
+def test_same_seed_same_split_and_metrics(quick_run, tmp_path):
+    first, _ = quick_run
     second = run_quick(tmp_path / "b", "--seed", "4")
     other = run_quick(tmp_path / "c", "--seed", "5")
-    assert first["variants"] == second["variants"]
-    assert first["variants"] != other["variants"]
+    assert first["labeled_indices"] == second["labeled_indices"] != other["labeled_indices"]
+    assert len(first["labeled_indices"]) == 5 * 10  # --quick keeps the default budget of 10 per class
+    assert without_timings(first["variants"]) == without_timings(second["variants"])
+    assert without_timings(first["variants"]) != without_timings(other["variants"])
 
 
 def test_help_documents_every_flag():
