@@ -1,0 +1,269 @@
+"""Feature extraction: a frozen pretrained base and a new classifier head.
+
+The cheapest way to reuse a pretrained network. Freeze its convolutional base, call it
+with ``training=False`` (so BatchNormalization stays in inference mode), put a new head
+on top (global pooling where needed, dropout, a Dense layer emitting logits) and train
+only the head on the few labels of the new task.
+
+When to use it: the new task has few labels and resembles the data the base was
+trained on. With many labels, or a distant domain, fine-tuning the top of the base
+(``recipes.fine_tune``) usually does better.
+
+The fast path: a frozen base without augmentation maps every training image to the same
+features at every epoch, so compute them once and train the head on the cached features.
+On a MobileNetV2 at 96x96 that is well over 10x faster than pushing the images through
+the base every step (``python -m tests.benchmarks.bench_feature_extraction``). With
+``--augment`` every step sees new images, so they go through the frozen base each time.
+
+What the default run does (``python -m recipes.feature_extraction``):
+
+1. The base (``--base source-cnn``): a small BatchNorm CNN pretrained on Fashion-MNIST
+   classes 0-4 (T-shirt, trouser, pullover, dress, coat), cached on disk
+   (``$RECIPES_CACHE_DIR``, default ``~/.cache/transfer-recipes``) so later runs reuse it.
+   ``--base mobilenet_v2 --weights imagenet`` (or ``none``, or a weights file), or a
+   ``.keras`` model path, swap in another base.
+2. The target task: classes 5-9 (sandal, shirt, sneaker, bag, ankle boot), 10 labelled
+   images per class, drawn with the seed.
+3. ``feature_extraction``: features of the 50 images are extracted once; the head
+   trains on them; the head is then put on the frozen base into one model.
+4. ``scratch`` (the baseline): the same network, freshly initialised, trained end to end
+   on the same 50 images.
+5. Both are evaluated on the 5,000 test images of classes 5-9.
+
+Measured over seeds 0-4 (``--seed S``, two CPU cores shared with another job): feature
+extraction 86.3-89.4% against 76.7-81.5% from scratch, a gain of +4.8 to +12.6 points
+(mean +9.3). A run takes 15-20 s once the base is cached, of which extracting the features
+and training the head on them take about 2 s; the first run adds about 40 s of
+pretraining (58 s in all).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+from keras import layers
+
+from common import bases, data, evaluation, models
+from common.cli import RecipeConfig, knob, make_strategy, parse_config, set_seed
+
+
+@dataclass
+class Config(RecipeConfig):
+    """Train a new head on a frozen pretrained base (cached features), compare with training from scratch."""
+
+    dataset: str = knob("fashion_mnist", "Dataset: fashion_mnist, digits, mnist, cifar10, tfds:<name>, folder:<path>.")
+    image_size: int = knob(0, "Image side: resizes tfds:/folder: images and is a backbone's input (0: native; 96).")
+    source_classes: str = knob("0-4", "Classes the source-cnn base is pretrained on, e.g. '0-4'.")
+    target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
+    labels_per_class: int = knob(10, "Target training images per class (the label budget).")
+    base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, or a .keras path.")
+    weights: str = knob("", "keras.applications weights: imagenet (default, online), none, or a weights file.")
+    source_width: int = knob(16, "Width (first conv filters) of the source-cnn base.")
+    source_epochs: int = knob(2, "Pretraining epochs of the source-cnn base.")
+    source_images: int = knob(0, "Source training images for the source-cnn base (0: all).")
+    source_cut: str = knob("block2", "Last block of the source-cnn kept as the base: block1 | block2 | block3.")
+    epochs: int = knob(100, "Epochs of the head (and of the from-scratch baseline).")
+    batch_size: int = knob(32, "Batch size (global, across replicas).")
+    learning_rate: float = knob(1e-3, "Adam learning rate of the head and of the baseline.")
+    dropout: float = knob(0.2, "Dropout rate before the head's Dense layer.")
+    augment: bool = knob(False, "Augment the images (flip, shift, zoom): they go through the frozen base every step.")
+    test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).")
+
+    QUICK = dict(source_epochs=1, source_images=2000, epochs=3, test_images=500)
+
+
+# --- Steps ------------------------------------------------------------------------
+
+
+def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
+    """The source and target tasks, class lists checked, labels re-indexed from 0."""
+    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
+    source_classes = data.parse_classes(config.source_classes)
+    target_classes = data.parse_classes(config.target_classes)
+    data.check_class_split(dataset, source_classes, target_classes)
+    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+
+
+def pick_budget(target: data.Dataset, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``labels_per_class`` training images per class, and the (optionally subsampled) test set."""
+    picked = data.sample_per_class(target.y_train, config.labels_per_class, config.seed)
+    x_test, y_test = target.x_test, target.y_test
+    if config.test_images and config.test_images < len(x_test):
+        per_class = max(1, config.test_images // target.num_classes)
+        keep = data.sample_per_class(y_test, min(per_class, int(np.bincount(y_test).min())), config.seed)
+        x_test, y_test = x_test[keep], y_test[keep]
+    return target.x_train[picked], target.y_train[picked], x_test, y_test
+
+
+def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
+    """The ``--base``: pretrained on the source classes and cached, or a backbone, or a .keras model."""
+    # Pretrained with seed 0 whatever --seed is, so that every seed reuses the cached base.
+    settings = bases.SourceSettings(
+        width=config.source_width, epochs=config.source_epochs, max_images=config.source_images
+    )
+    return bases.load_base(
+        config.base, config.weights, config.image_size, source=source, settings=settings, cut=config.source_cut
+    )
+
+
+def extract_features(base: bases.Base, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, float]:
+    """Run the images once through the frozen base (inference mode, pooled); returns features and seconds."""
+    start = time.perf_counter()
+    extractor = bases.feature_extractor(base)
+    features = extractor.predict(base.prepare(images), batch_size=batch_size, verbose=0)
+    return features, time.perf_counter() - start
+
+
+def build_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Model:
+    """Dropout and a Dense layer emitting logits, on cached feature vectors."""
+    inputs = keras.Input((feature_dim,))
+    x = layers.Dropout(dropout, name="head_dropout")(inputs)
+    outputs = layers.Dense(num_classes, name="classifier")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
+                           strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
+    """The fast path: the head alone, on cached features."""
+    with strategy.scope():
+        head = models.compile_classifier(
+            build_head(features.shape[1], num_classes, config.dropout), config.learning_rate
+        )
+    start = time.perf_counter()
+    train = data.make_pipeline(features, y, config.batch_size, shuffle=True, seed=config.seed)
+    history = head.fit(train, epochs=config.epochs, verbose=0).history
+    return head, history, time.perf_counter() - start
+
+
+def assemble(base: bases.Base, head: keras.Model, num_classes: int, config: Config, strategy) -> keras.Model:
+    """The frozen base and the trained head as one model taking (prepared) images."""
+    with strategy.scope():
+        model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
+        model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
+        models.compile_classifier(model, config.learning_rate)
+    return model
+
+
+def augmenter(seed: int) -> keras.Sequential:
+    """Mild augmentation: horizontal flip, 10% shift, 10% zoom."""
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomTranslation(0.1, 0.1, seed=seed),
+            layers.RandomZoom(0.1, seed=seed),
+        ],
+        name="augment",
+    )
+
+
+def train_head_on_images(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
+                         strategy, augment: bool) -> tuple[keras.Model, dict, float]:  # fmt: skip
+    """The image path: every step runs the (optionally augmented) images through the frozen base."""
+    with strategy.scope():
+        model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
+        models.compile_classifier(model, config.learning_rate)  # compile after freezing
+    start = time.perf_counter()
+    train = data.make_pipeline(
+        base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed,
+        augment=augmenter(config.seed) if augment else None,
+    )  # fmt: skip
+    history = model.fit(train, epochs=config.epochs, verbose=0).history
+    return model, history, time.perf_counter() - start
+
+
+def train_scratch(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
+                  strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
+    """The baseline: the base's architecture, random weights, trained end to end on the same images."""
+    with strategy.scope():
+        model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), config.learning_rate)
+    start = time.perf_counter()
+    train = data.make_pipeline(base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed)
+    history = model.fit(train, epochs=config.epochs, verbose=0).history
+    return model, history, time.perf_counter() - start
+
+
+def evaluate(model: keras.Model, base: bases.Base, x_test: np.ndarray, y_test: np.ndarray, num_classes: int) -> dict:
+    return evaluation.classification_report(model, base.prepare(x_test), y_test, num_classes)
+
+
+# --- The whole recipe -------------------------------------------------------------
+
+
+def run(config: Config) -> dict:
+    """Base, head (cached features or augmented images), scratch baseline; returns metrics.json's content."""
+    config = config.resolved()
+    start = time.perf_counter()
+    bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut)
+    set_seed(config.seed)
+    strategy = make_strategy(config.strategy)
+
+    source, target = load_tasks(config)
+    x, y, x_test, y_test = pick_budget(target, config)
+    run_dir = evaluation.make_run_dir("feature_extraction", config.out)
+    print(f"source task: {source}\ntarget task: {target}\nrun folder: {run_dir}")
+
+    with strategy.scope():
+        base = load_pretrained_base(config, source)
+    print(f"base: {base}")
+    n = target.num_classes
+
+    if config.augment:
+        extract_seconds = 0.0
+        model, history, train_seconds = train_head_on_images(base, x, y, n, config, strategy, augment=True)
+        path = "augmented images through the frozen base"
+    else:
+        features, extract_seconds = extract_features(base, x)
+        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy)
+        model = assemble(base, head, n, config, strategy)
+        path = "cached features"
+    report = evaluate(model, base, x_test, y_test, n)
+    report |= {"extract_seconds": round(extract_seconds, 2), "train_seconds": round(train_seconds, 2), "path": path}
+    print(f"  feature_extraction ({path}): test accuracy {report['test_accuracy']:.3f}, "
+          f"extraction {extract_seconds:.1f} s, head training {train_seconds:.1f} s")  # fmt: skip
+
+    set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
+    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy)
+    scratch_report = evaluate(scratch, base, x_test, y_test, n) | {"train_seconds": round(scratch_seconds, 2)}
+    print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}, training {scratch_seconds:.1f} s")
+
+    variants = {
+        "scratch": dict(scratch_report, labels_per_class=config.labels_per_class),
+        "feature_extraction": dict(report, labels_per_class=config.labels_per_class),
+    }
+    record = evaluation.metrics_record(
+        "feature_extraction",
+        config.dataset,
+        "test_accuracy",
+        "scratch",
+        variants,
+        time.perf_counter() - start,
+        base={k: v for k, v in base.info.items() if k != "settings"} | {"spec": config.base},
+        test_images=len(x_test),
+    )
+    histories = {"feature_extraction": history, "scratch": scratch_history}
+    figures = {
+        "learning_curves": evaluation.plot_learning_curves(
+            histories, "accuracy", title=f"training accuracy ({config.labels_per_class} labels per class)"
+        ),
+        "confusion_matrix": evaluation.plot_confusion_matrix(
+            report["confusion_matrix"], target.class_names, "feature extraction: confusion matrix"
+        ),
+    }
+    evaluation.write_run(run_dir, config, record, histories, figures, model=model)
+
+    print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
+    print(evaluation.comparison_table(record))
+    print(f"\nwrote {run_dir} in {record['seconds']:.0f} s")
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+    return run(config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""Fine-tuning: train a new head on a frozen base, then unfreeze the top of the base.
+
+Feature extraction (``recipes.feature_extraction``) keeps every pretrained weight. When
+the new task differs a little from the one the base learned, also adapting the top of
+the base helps. Done naively it wrecks the base: a freshly initialised head sends large
+gradients down. So, as in the Keras guide "Transfer learning & fine-tuning":
+
+1. Phase 1 trains the head on the frozen base until it has converged (early stopping on
+   a validation split, best weights restored).
+2. Phase 2 unfreezes the top of the base, either the top N layers with weights
+   (``--schedule top:N``) or gradually, one more block every ``--unfreeze-every`` epochs
+   from the top down (``--schedule gradual``), recompiles with a learning rate 10-100x
+   lower, and trains on. Every BatchNormalization layer stays frozen *and* in inference
+   mode (the base is called with ``training=False``): updating its statistics on a few
+   dozen images would undo what pretraining learned.
+
+When to use it: after feature extraction, when you can spare a few more minutes and
+have a validation split to tell whether it helped. With very few labels the gain over
+phase 1 is small and can be negative; this recipe reports it either way.
+
+What the default run does (``python -m recipes.fine_tune``): the base is a small
+BatchNorm CNN pretrained on Fashion-MNIST classes 0-4 and cached on disk (see
+``common/bases.py``); the target task is classes 5-9 with 10 labelled images per class,
+plus 10 more per class as the validation split (used for early stopping only, by every
+variant). Three variants are evaluated on the 5,000 test images of classes 5-9:
+``scratch`` (the same network trained from random weights on the same images, the
+baseline), ``head_only`` (phase 1 alone) and ``fine_tune`` (phase 1 then phase 2).
+
+``--tune`` first runs a keras-tuner search (``--tuner hyperband`` or ``random``) over the
+phase-2 learning rate, the number of layers unfrozen and the head's dropout, within
+``--max-trials`` trials of at most ``--tune-epochs`` phase-2 epochs, writes the best
+values to ``best_hyperparameters.json`` in the run folder (the tuner's own files go to
+``tuner/`` there) and trains the final model with them.
+
+Measured over seeds 0-4 (``--seed S``, two CPU cores shared with another job): fine-tuned
+86.7-90.3%, phase 1 alone 86.0-89.2%, scratch 82.3-88.1%. Phase 2 beat phase 1 on every
+seed (+0.5 to +1.6 points); the gain over scratch averaged +2.4 points and ranged from
+-0.6 to +5.7: the early-stopped scratch baseline is strong on these easy target classes.
+A run takes 20-25 s once the base is cached (about 40 s more the first time).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+
+import keras
+import numpy as np
+
+from common import bases, data, evaluation, models
+from common.cli import RecipeConfig, knob, make_strategy, parse_config, set_seed
+
+TUNERS = ("hyperband", "random")
+
+
+@dataclass
+class Config(RecipeConfig):
+    """Train a head on a frozen pretrained base, then unfreeze its top layers at a low learning rate."""
+
+    dataset: str = knob("fashion_mnist", "Dataset: fashion_mnist, digits, mnist, cifar10, tfds:<name>, folder:<path>.")
+    image_size: int = knob(0, "Image side: resizes tfds:/folder: images and is a backbone's input (0: native; 96).")
+    source_classes: str = knob("0-4", "Classes the source-cnn base is pretrained on, e.g. '0-4'.")
+    target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
+    labels_per_class: int = knob(10, "Target training images per class (the label budget).")
+    val_per_class: int = knob(
+        10, "Extra labelled images per class for early stopping and tuning (the validation split)."
+    )
+    base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, or a .keras path.")
+    weights: str = knob("", "keras.applications weights: imagenet (default, online), none, or a weights file.")
+    source_width: int = knob(16, "Width (first conv filters) of the source-cnn base.")
+    source_epochs: int = knob(2, "Pretraining epochs of the source-cnn base.")
+    source_images: int = knob(0, "Source training images for the source-cnn base (0: all).")
+    source_cut: str = knob("block2", "Last block of the source-cnn kept as the base: block1 | block2 | block3.")
+    head_epochs: int = knob(100, "Phase 1: most epochs of the head on the frozen base (early stopping ends it).")
+    patience: int = knob(5, "Phase 1 (and the baseline): stop after this many epochs without a lower val loss.")
+    epochs: int = knob(20, "Phase 2: fine-tuning epochs.")
+    batch_size: int = knob(32, "Batch size (global, across replicas).")
+    learning_rate: float = knob(1e-3, "Adam learning rate of phase 1 and of the from-scratch baseline.")
+    fine_tune_learning_rate: float = knob(1e-4, "Adam learning rate of phase 2 (10-100x lower than phase 1's).")
+    dropout: float = knob(0.2, "Dropout rate before the head's Dense layer.")
+    schedule: str = knob("top:4", "Phase 2: 'top:N' unfreezes the top N layers with weights; 'gradual' one block more every --unfreeze-every epochs.")  # fmt: skip
+    unfreeze_every: int = knob(4, "Gradual schedule: epochs between unfreezing one more block.")
+    tune: bool = knob(False, "Search the phase-2 learning rate, layers unfrozen and dropout with keras-tuner first.")
+    tuner: str = knob("hyperband", "Search algorithm: hyperband | random.")
+    max_trials: int = knob(6, "Tuner: most hyperparameter combinations tried.")
+    tune_epochs: int = knob(6, "Tuner: most phase-2 epochs per trial (Hyperband's max_epochs).")
+    test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).")
+
+    QUICK = dict(source_epochs=1, source_images=2000, head_epochs=3, epochs=2, unfreeze_every=1, max_trials=2,
+                 tune_epochs=2, test_images=500)  # fmt: skip
+
+
+# --- Steps ------------------------------------------------------------------------
+
+
+def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
+    """The source and target tasks, class lists checked, labels re-indexed from 0."""
+    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
+    source_classes = data.parse_classes(config.source_classes)
+    target_classes = data.parse_classes(config.target_classes)
+    data.check_class_split(dataset, source_classes, target_classes)
+    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+
+
+def split_target(target: data.Dataset, config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``train`` (the label budget), ``val`` (disjoint, for early stopping) and ``test`` (maybe subsampled)."""
+    smallest = int(np.bincount(target.y_train).min())
+    if config.labels_per_class + config.val_per_class > smallest:
+        raise ValueError(
+            f"--labels-per-class {config.labels_per_class} + --val-per-class {config.val_per_class} "
+            f"exceeds the smallest target class, which has {smallest} training images"
+        )
+    both = data.sample_per_class(target.y_train, config.labels_per_class + config.val_per_class, config.seed)
+    rng = np.random.default_rng(config.seed)
+    train, val = [], []
+    for c in range(target.num_classes):
+        members = rng.permutation(both[target.y_train[both] == c])
+        train.append(members[: config.labels_per_class])
+        val.append(members[config.labels_per_class :])
+    train, val = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    x_test, y_test = target.x_test, target.y_test
+    if config.test_images and config.test_images < len(x_test):
+        per_class = min(max(1, config.test_images // target.num_classes), int(np.bincount(y_test).min()))
+        keep = data.sample_per_class(y_test, per_class, config.seed)
+        x_test, y_test = x_test[keep], y_test[keep]
+    return {
+        "train": (target.x_train[train], target.y_train[train]),
+        "val": (target.x_train[val], target.y_train[val]),
+        "test": (x_test, y_test),
+    }
+
+
+def parse_schedule(schedule: str) -> tuple[str, int]:
+    """``'top:N'`` -> ("top", N); ``'gradual'`` -> ("gradual", 0); a clear error otherwise."""
+    if schedule == "gradual":
+        return "gradual", 0
+    if schedule.startswith("top:"):
+        try:
+            n = int(schedule.removeprefix("top:"))
+        except ValueError:
+            n = -1
+        if n >= 1:
+            return "top", n
+    raise ValueError(f"unknown --schedule {schedule!r}; write 'top:N' (N >= 1 layers) or 'gradual'")
+
+
+def count_weighted_layers(model: keras.Model) -> int:
+    return len([layer for layer in model.layers if layer.weights])
+
+
+def check_schedule(config: Config, source: data.Dataset, base: bases.Base | None = None) -> None:
+    """Fail before any training if ``top:N`` asks for more layers than the base has."""
+    kind, n = parse_schedule(config.schedule)
+    if kind != "top":
+        return
+    if base is None:  # the source-cnn's architecture, without pretraining it
+        model = models.build_bn_cnn(source.input_shape, source.num_classes, width=config.source_width)
+        available = count_weighted_layers(bases.spatial_base(model.get_layer("base"), config.source_cut))
+    else:
+        available = count_weighted_layers(base.model)
+    if n > available:
+        raise ValueError(f"--schedule top:{n}: the base {config.base!r} has only {available} layers with weights")
+
+
+def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
+    """The ``--base``: pretrained on the source classes and cached, or a backbone, or a .keras model."""
+    # Pretrained with seed 0 whatever --seed is, so that every seed reuses the cached base.
+    settings = bases.SourceSettings(
+        width=config.source_width, epochs=config.source_epochs, max_images=config.source_images
+    )
+    return bases.load_base(
+        config.base, config.weights, config.image_size, source=source, settings=settings, cut=config.source_cut
+    )
+
+
+def build_model(base_model: keras.Model, num_classes: int, dropout: float, learning_rate: float) -> keras.Model:
+    """The frozen base (called with training=False) and a new head, compiled for phase 1."""
+    model = models.add_head(models.freeze(base_model), num_classes, dropout, name="fine_tune")
+    return models.compile_classifier(model, learning_rate)  # compile after freezing
+
+
+def inner_base(model: keras.Model) -> keras.Model:
+    """The base sub-model inside a ``build_model`` model."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def pipelines(splits: dict, base: bases.Base, config: Config) -> dict:
+    """tf.data pipelines of the prepared (resized, preprocessed) images of every split."""
+    x, y = splits["train"]
+    x_val, y_val = splits["val"]
+    return {
+        "train": data.make_pipeline(base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed),
+        "val": data.make_pipeline(base.prepare(x_val), y_val, 256),
+    }
+
+
+def train_head(model: keras.Model, train, val, config: Config) -> dict:
+    """Phase 1: the head alone, until the validation loss stops falling (best weights kept)."""
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+    return model.fit(train, validation_data=val, epochs=config.head_epochs, callbacks=[stop], verbose=0).history
+
+
+def unfreeze(model: keras.Model, num_layers: int, learning_rate: float) -> list[str]:
+    """Unfreeze the top ``num_layers`` layers with weights of the base (BatchNorm stays frozen); recompile."""
+    unfrozen = models.unfreeze_top(inner_base(model), num_layers)
+    models.compile_classifier(model, learning_rate)  # recompile, or the change is ignored
+    return unfrozen
+
+
+def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int = 0) -> tuple[dict, dict]:
+    """Phase 2 by ``config.schedule``; returns its history and {label: epoch} of each unfreezing."""
+    kind, n = parse_schedule(config.schedule)
+    lr = config.fine_tune_learning_rate
+    if kind == "top":
+        unfrozen = unfreeze(model, n, lr)
+        print(f"  phase 2: unfroze {len(unfrozen)} layers ({', '.join(unfrozen)}) at learning rate {lr:g}")
+        history = model.fit(train, validation_data=val, initial_epoch=initial_epoch,
+                            epochs=initial_epoch + config.epochs, verbose=0).history  # fmt: skip
+        return history, {f"unfreeze top {n}": initial_epoch}
+    # Gradual: one more block (from the top) every `unfreeze_every` epochs.
+    blocks = bases.weight_blocks(inner_base(model))
+    history: dict[str, list] = {}
+    boundaries = {}
+    epoch, depth, layers_open = initial_epoch, 0, 0
+    end = initial_epoch + config.epochs
+    while epoch < end:
+        if depth < len(blocks):
+            depth += 1
+            layers_open += len(blocks[-depth])
+            unfrozen = unfreeze(model, layers_open, lr)
+            boundaries[f"unfreeze {blocks[-depth][0]}..."] = epoch
+            print(f"  phase 2, epoch {epoch + 1}: {len(unfrozen)} layers trainable ({', '.join(unfrozen)})")
+        stage_end = min(end, epoch + config.unfreeze_every) if depth < len(blocks) else end
+        stage = model.fit(train, validation_data=val, initial_epoch=epoch, epochs=stage_end, verbose=0).history
+        for key, values in stage.items():
+            history.setdefault(key, []).extend(values)
+        epoch = stage_end
+    return history, boundaries
+
+
+def train_scratch(base: bases.Base, train, val, num_classes: int, config: Config, strategy) -> tuple[keras.Model, dict]:
+    """The baseline: the same network from random weights, end to end, same images and early stopping."""
+    with strategy.scope():
+        model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), config.learning_rate)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=2 * config.patience, restore_best_weights=True)
+    history = model.fit(train, validation_data=val, epochs=config.head_epochs + config.epochs, callbacks=[stop],
+                        verbose=0).history  # fmt: skip
+    return model, history
+
+
+def evaluate(model: keras.Model, x_test_prepared: np.ndarray, y_test: np.ndarray, num_classes: int) -> dict:
+    return evaluation.classification_report(model, x_test_prepared, y_test, num_classes)
+
+
+# --- keras-tuner ----------------------------------------------------------------------
+
+
+def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir) -> dict:
+    """Search phase-2 learning rate, layers unfrozen and head dropout; returns the best values.
+
+    Every trial starts from a fresh copy of the pretrained base, runs phase 1 (skipped when
+    Hyperband resumes a trial from its checkpoint), then phase 2 for the epochs the tuner
+    gives it; the objective is the best validation accuracy.
+    """
+    import keras_tuner as kt
+
+    if config.tuner not in TUNERS:
+        raise ValueError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
+    available = count_weighted_layers(base.model)
+
+    class FineTuneModel(kt.HyperModel):
+        def build(self, hp):
+            dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
+            hp.Int("unfreeze_layers", 1, available)
+            hp.Float("fine_tune_learning_rate", 1e-5, 1e-4, sampling="log")
+            return build_model(bases.fresh_copy(base).model, num_classes, dropout, config.learning_rate)
+
+        def fit(self, hp, model, *args, **kwargs):
+            if "tuner/trial_id" not in hp.values:  # a new trial, not a resumed one
+                train_head(model, train, val, config)
+            unfreeze(model, hp.get("unfreeze_layers"), hp.get("fine_tune_learning_rate"))
+            return model.fit(*args, **kwargs)
+
+    common = dict(objective="val_accuracy", directory=str(run_dir), project_name="tuner", overwrite=True,
+                  seed=config.seed)  # fmt: skip
+    if config.tuner == "hyperband":
+        tuner = without_tensorboard(kt.Hyperband)(
+            FineTuneModel(), max_epochs=max(2, config.tune_epochs), factor=3, **common
+        )
+        tuner.oracle.max_trials = config.max_trials  # Hyperband has no max_trials argument; the oracle honours it
+    else:
+        tuner = without_tensorboard(kt.RandomSearch)(FineTuneModel(), max_trials=config.max_trials, **common)
+    tuner.search(train, validation_data=val, epochs=config.tune_epochs, verbose=0)
+    best = {k: v for k, v in tuner.get_best_hyperparameters(1)[0].values.items() if not k.startswith("tuner/")}
+    trials = len(tuner.oracle.trials)
+    best_score = tuner.oracle.get_best_trials(1)[0].score
+    result = {"best": best, "val_accuracy": best_score, "trials": trials, "tuner": config.tuner}
+    evaluation.write_json_atomic(run_dir / "best_hyperparameters.json", result)
+    print(f"  tuner ({config.tuner}, {trials} trials): best {json.dumps(best)}, val accuracy {best_score:.3f}")
+    return result
+
+
+def without_tensorboard(tuner_class):
+    """``tuner_class``, usable without the ``tensorboard`` package.
+
+    keras-tuner imports tensorboard at every trial on the TensorFlow backend, only to patch
+    TensorBoard callbacks; we pass none, and TensorFlow 2.21 no longer installs it.
+    """
+    try:
+        import tensorboard  # noqa: F401
+
+        return tuner_class
+    except ImportError:
+
+        class Tuner(tuner_class):
+            def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
+                return None
+
+        return Tuner
+
+
+def apply_tuned(config: Config, best: dict) -> Config:
+    """``config`` with the tuned dropout, phase-2 learning rate and ``top:N`` schedule."""
+    return replace(
+        config,
+        dropout=float(best["dropout"]),
+        fine_tune_learning_rate=float(best["fine_tune_learning_rate"]),
+        schedule=f"top:{int(best['unfreeze_layers'])}",
+    )
+
+
+# --- The whole recipe -------------------------------------------------------------
+
+
+def run(config: Config) -> dict:
+    """Phase 1, phase 2 (optionally tuned), the scratch baseline; returns metrics.json's content."""
+    config = config.resolved()
+    start = time.perf_counter()
+    bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut)
+    parse_schedule(config.schedule)
+    if config.tuner not in TUNERS:
+        raise ValueError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
+    set_seed(config.seed)
+    strategy = make_strategy(config.strategy)
+
+    source, target = load_tasks(config)
+    splits = split_target(target, config)
+    if config.base == bases.SOURCE_CNN:
+        check_schedule(config, source)
+    run_dir = evaluation.make_run_dir("fine_tune", config.out)
+    print(f"source task: {source}\ntarget task: {target}\nrun folder: {run_dir}")
+
+    with strategy.scope():
+        base = load_pretrained_base(config, source)
+    check_schedule(config, source, base)
+    print(f"base: {base}")
+    n = target.num_classes
+    ds = pipelines(splits, base, config)
+    x_test, y_test = base.prepare(splits["test"][0]), splits["test"][1]
+
+    tuned = None
+    if config.tune:
+        tuned = tune(base, ds["train"], ds["val"], n, config, run_dir)
+        config = apply_tuned(config, tuned["best"])
+        set_seed(config.seed)
+
+    with strategy.scope():
+        model = build_model(base.model, n, config.dropout, config.learning_rate)
+    phase1 = train_head(model, ds["train"], ds["val"], config)
+    head_report = evaluate(model, x_test, y_test, n) | {"epochs": len(phase1["loss"])}
+    print(f"  phase 1 (head only, {len(phase1['loss'])} epochs): test accuracy {head_report['test_accuracy']:.3f}")
+
+    with strategy.scope():
+        phase2, boundaries = fine_tune(model, ds["train"], ds["val"], config, initial_epoch=len(phase1["loss"]))
+    tuned_report = evaluate(model, x_test, y_test, n) | {"epochs": len(phase2["loss"]), "schedule": config.schedule}
+    print(f"  phase 2 (fine-tuned): test accuracy {tuned_report['test_accuracy']:.3f}")
+
+    set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
+    scratch, scratch_history = train_scratch(base, ds["train"], ds["val"], n, config, strategy)
+    scratch_report = evaluate(scratch, x_test, y_test, n) | {"epochs": len(scratch_history["loss"])}
+    print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}")
+
+    budget = {"labels_per_class": config.labels_per_class, "val_per_class": config.val_per_class}
+    variants = {
+        "scratch": scratch_report | budget,
+        "head_only": head_report | budget,
+        "fine_tune": tuned_report | budget,
+    }
+    record = evaluation.metrics_record(
+        "fine_tune",
+        config.dataset,
+        "test_accuracy",
+        "scratch",
+        variants,
+        time.perf_counter() - start,
+        base={k: v for k, v in base.info.items() if k != "settings"} | {"spec": config.base},
+        test_images=len(y_test),
+        tuned=tuned,
+    )
+    both = {key: phase1[key] + phase2.get(key, []) for key in phase1}
+    histories = {"phase1": phase1, "phase2": phase2, "scratch": scratch_history}
+    figures = {
+        "learning_curves": evaluation.plot_learning_curves(
+            {"fine_tune": both, "scratch": scratch_history},
+            "accuracy",
+            boundaries={"start fine-tuning": len(phase1["loss"])} | dict(list(boundaries.items())[1:]),
+            title=f"accuracy across both phases ({config.labels_per_class} labels per class)",
+        ),
+        "confusion_matrix": evaluation.plot_confusion_matrix(
+            tuned_report["confusion_matrix"], target.class_names, "fine-tuned: confusion matrix"
+        ),
+    }
+    evaluation.write_run(run_dir, config, record, histories, figures, model=model)
+
+    print(f"\ntarget task, {config.labels_per_class} labels per class, {len(y_test)} test images:")
+    print(evaluation.comparison_table(record))
+    print(f"\nwrote {run_dir} in {record['seconds']:.0f} s")
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
+    return run(config)
+
+
+if __name__ == "__main__":
+    main()
