@@ -39,6 +39,20 @@ def test_compile_classifier_uses_logits_loss():
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.01)
 
 
+def test_steps_per_execution_makes_the_same_updates():
+    x = np.random.default_rng(0).random((50, 6)).astype("float32")
+    y = np.arange(50) % 3
+    trained = []
+    for steps in (1, 8):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)])
+        models.compile_classifier(model, 0.01, steps_per_execution=steps)
+        model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)  # 7 steps per epoch: a partial execution
+        trained.append(model.get_weights())
+    for one, batched in zip(*trained):
+        np.testing.assert_allclose(one, batched, rtol=1e-5, atol=1e-6)
+
+
 # --- Backbones ----------------------------------------------------------------------
 
 
