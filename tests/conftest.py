@@ -24,6 +24,15 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Tests that plot leave their figures open; close them so they do not pile up."""
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def execute_notebook(path: Path, timeout: int = 600) -> None:
     """Run every cell of a notebook in quick mode (``RECIPES_QUICK=1``), from the repository root."""
     import nbformat
