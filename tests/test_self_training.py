@@ -1,0 +1,181 @@
+"""Tests of recipes.self_training: hidden labels, threshold and cap, the split, both methods,
+--init, bad input, the notebook, and the accuracy gain on real data at small scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import data, models
+from recipes import self_training
+from tests.conftest import ROOT, execute_notebook
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def run_quick(tmp_path: Path, *flags: str) -> dict:
+    return self_training.main(["--quick", "--out", str(tmp_path), *flags])
+
+
+def check_record_and_run_folder(record: dict, out: Path) -> None:
+    assert record["recipe"] == "self_training" and record["baseline"] == "labels_only"
+    assert set(record["variants"]) == {"teacher", "labels_only", "self_training"}
+    student = record["variants"]["self_training"]
+    assert student["steps"] == record["variants"]["labels_only"]["steps"]  # the same step budget
+    assert len(student["rounds"]) == 2
+    for round_record in student["rounds"]:
+        assert 0.0 <= round_record["test_accuracy"] <= 1.0
+        assert sum(round_record["class_histogram"]) == round_record["pseudo_labels_kept"]
+        assert {"pseudo_label_precision", "kept_share", "seconds"} <= set(round_record)
+    assert np.sum(student["confusion_matrix"]) == record["test_images"] == 1000
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "metrics.json", "history.csv", "model.keras"} <= written
+    assert {"rounds.png", "learning_curves.png", "confusion_matrix.png"} <= written
+    assert json.loads((out / "metrics.json").read_text())["variants"]["teacher"] == record["variants"]["teacher"]
+
+
+@pytest.mark.parametrize("method", ["consistency", "rounds"])
+def test_both_methods_and_hidden_labels_change_nothing_but_the_precision(tmp_path, monkeypatch, method):
+    """A quick run of each method; then the same run with the unlabeled pool's hidden labels
+    shuffled: every accuracy, count and histogram stays, only the reported precision moves."""
+    flags = ("--method", method, "--threshold", "0.5", "--class-cap", "1.2")
+    first = run_quick(tmp_path / "a", *flags)
+    check_record_and_run_folder(first, tmp_path / "a")
+    rounds_a = first["variants"]["self_training"]["rounds"]
+    assert sum(r["pseudo_labels_kept"] for r in rounds_a) > 0
+    if method == "rounds":  # the offline selection: the per-class cap holds in every round
+        for r in rounds_a:
+            assert max(r["class_histogram"]) <= r["class_cap"] and r["pseudo_labels_kept"] <= first["unlabeled_images"]
+
+    split_data = self_training.split_data
+
+    def shuffled_hidden_labels(dataset, config):
+        split = split_data(dataset, config)
+        split.hidden_labels = np.random.default_rng(7).permutation(split.hidden_labels)
+        return split
+
+    monkeypatch.setattr(self_training, "split_data", shuffled_hidden_labels)
+    second = run_quick(tmp_path / "b", *flags)
+    for name in ("teacher", "labels_only", "self_training"):
+        assert first["variants"][name]["test_accuracy"] == second["variants"][name]["test_accuracy"]
+    rounds_b = second["variants"]["self_training"]["rounds"]
+    for a, b in zip(rounds_a, rounds_b):
+        assert a["test_accuracy"] == b["test_accuracy"]
+        assert a["class_histogram"] == b["class_histogram"]
+    assert [r["pseudo_label_precision"] for r in rounds_a] != [r["pseudo_label_precision"] for r in rounds_b]
+
+
+def test_kept_pseudo_labels_pass_the_threshold_and_the_class_cap():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2000, 5)) * 3
+    logits[:1200, 0] += 6  # class 0 is "easy": it would flood the set without the cap
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    kept, labels, cap = self_training.select_pseudo_labels(probabilities, 0.9, class_cap=1.5)
+    confidence = probabilities.max(axis=1)
+    passed = confidence >= 0.9
+    assert np.all(confidence[kept] >= 0.9)
+    assert np.array_equal(labels, probabilities[kept].argmax(axis=1))
+    assert cap == int(np.ceil(1.5 * passed.sum() / 5))
+    counts = np.bincount(labels, minlength=5)
+    assert counts.max() <= cap and counts[0] == cap  # the easy class was capped ...
+    class0 = np.flatnonzero(passed & (probabilities.argmax(axis=1) == 0))
+    assert confidence[kept[labels == 0]].min() >= np.sort(confidence[class0])[-cap]  # ... keeping its most confident
+    everything, _, _ = self_training.select_pseudo_labels(probabilities, 1e-9, class_cap=100.0)
+    assert len(everything) == 2000
+
+
+def test_labeled_examples_are_not_in_the_unlabeled_pool():
+    dataset = data.load_dataset("fashion_mnist")
+    split = self_training.split_data(dataset, self_training.Config(labels_per_class=10, seed=3))
+    assert len(np.intersect1d(split.labeled_index, split.unlabeled_index)) == 0
+    assert len(split.labeled_index) + len(split.unlabeled_index) == len(dataset.y_train)
+    assert np.array_equal(np.bincount(split.y_labeled), np.full(10, 10))
+    assert np.array_equal(split.hidden_labels, dataset.y_train[split.unlabeled_index])
+    assert np.array_equal(split.x_labeled, dataset.x_train[split.labeled_index])
+    small = self_training.split_data(dataset, self_training.Config(labels_per_class=10, unlabeled=500, seed=3))
+    assert len(small.unlabeled_index) == 500 and len(np.intersect1d(small.labeled_index, small.unlabeled_index)) == 0
+
+
+def test_init_from_a_pretrained_model(tmp_path, capsys):
+    # A "pretrained" model of the same network on 5 other classes (trained or not, the copy is the same).
+    source = models.build_bn_cnn((28, 28, 1), 5, width=16)
+    source.save(tmp_path / "source.keras")
+    config = self_training.Config(init=str(tmp_path / "source.keras"), quick=True).resolved()
+    dataset = self_training.load_data(config)
+    model = self_training.build_model(dataset, config)
+    for copied, original in zip(model.get_layer("base").get_weights(), source.get_layer("base").get_weights()):
+        np.testing.assert_array_equal(copied, original)
+    assert model.get_layer("classifier").kernel.shape == (64, 10)  # a fresh 10-class head
+    record = run_quick(tmp_path / "run", "--init", str(tmp_path / "source.keras"))
+    assert "[init]" in capsys.readouterr().out and record["variants"]["self_training"]["rounds"]
+
+    # The seed CNN of weight_transfer fits --architecture cnn, not the BatchNorm CNN.
+    seed_cnn = models.build_cnn((28, 28, 1), 5)
+    seed_cnn.save(tmp_path / "seed_cnn.keras")
+    with pytest.raises(ValueError, match="does not fit --architecture bn_cnn"):
+        self_training.build_model(dataset, self_training.Config(init=str(tmp_path / "seed_cnn.keras")))
+    cnn = self_training.build_model(dataset, self_training.Config(init=str(tmp_path / "seed_cnn.keras"),
+                                                                  architecture="cnn"))  # fmt: skip
+    np.testing.assert_array_equal(cnn.get_layer("conv2").kernel.numpy(), seed_cnn.get_layer("conv2").kernel.numpy())
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "recipes.self_training", "--help"], env=ENV, capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--method", "--threshold", "--class-cap", "--rounds", "--labels-per-class", "--init",
+                 "--teacher-steps", "--steps-per-round", "--unlabeled-ratio", "--seed", "--quick"):  # fmt: skip
+        assert flag in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--threshold", "0"], r"threshold 0.0 is outside \(0, 1\]"),
+        (["--threshold", "1.5"], r"threshold 1.5 is outside \(0, 1\]"),
+        (["--labels-per-class", "7000"], r"label budget 7000 per class must lie in 1..6000"),
+        (["--labels-per-class", "6000"], "the unlabeled pool is empty"),
+        (["--rounds", "0"], "rounds must be at least 1, got 0"),
+        (["--method", "mixmatch"], "unknown method 'mixmatch'; choose one of consistency, rounds"),
+        (["--architecture", "vit"], "unknown architecture 'vit'"),
+        (["--strategy", "mirrored"], "strategy 'mirrored' is not supported"),
+        (["--init", "no/such/model.keras"], "--init model 'no/such/model.keras' does not exist"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, flags, message, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the input was checked")
+
+    monkeypatch.setattr(self_training, "train_teacher", no_training)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        self_training.main(["--out", str(tmp_path), *flags])  # not --quick: it would override --rounds
+
+
+def test_notebook_runs_in_quick_mode():
+    execute_notebook(ROOT / "notebooks" / "05_self_training.ipynb")
+
+
+# A smaller run than the default (20,000 unlabeled images, 2,000 test images, half the steps).
+# Measured, seed 0: teacher 76.9%, labels only 81.3%, self-training 81.0%, final pseudo-label
+# precision 0.987. Self-training does not beat labels only yet (see the recipe's docstring), so
+# this guards what it does do: precise pseudo-labels, a student well above its teacher, and no
+# more than 2 points below the labels-only baseline. A broken pseudo-labelling (wrong classes,
+# labels from the hidden pool, a collapsing student) fails it.
+SMALL_RUN = ["--unlabeled", "20000", "--test-images", "2000", "--teacher-steps", "300", "--steps-per-round", "150"]
+
+
+def test_self_training_learns_from_pseudo_labels_on_fashion_mnist(tmp_path):
+    record = self_training.main([*SMALL_RUN, "--out", str(tmp_path)])
+    variants = record["variants"]
+    teacher, student = variants["teacher"]["test_accuracy"], variants["self_training"]["test_accuracy"]
+    labels_only = variants["labels_only"]["test_accuracy"]
+    print(f"teacher {teacher:.3f}, labels only {labels_only:.3f}, self-training {student:.3f}")
+    assert variants["self_training"]["rounds"][-1]["pseudo_label_precision"] >= 0.9
+    assert student >= teacher + 0.02
+    assert student >= labels_only - 0.02
