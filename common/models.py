@@ -69,9 +69,11 @@ def build_bn_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int
 def add_head(base: keras.Model, num_classes: int, dropout: float = 0.2, name: str = "classifier_model") -> keras.Model:
     """``base`` -> [global pooling if its output is a feature map] -> dropout -> Dense logits.
 
-    The base is called with ``training=False``: its BatchNormalization layers stay in
-    inference mode even when the base is later unfrozen for fine-tuning (Keras guide,
-    "Transfer learning & fine-tuning").
+    In Keras 3 the ``training=False`` given to the base here is only a default: a call
+    ``model(x, training=True)`` (as ``fit`` makes) passes ``training=True`` down to every
+    layer. What keeps a BatchNormalization layer in inference mode is being frozen
+    (``trainable=False``), which ``freeze`` and ``unfreeze_top`` ensure; a base built to
+    be trained (``build_bn_cnn``) normalises with batch statistics as usual.
     """
     inputs = keras.Input(base.input_shape[1:])
     x = base(inputs, training=False)

@@ -1,7 +1,7 @@
 """Feature extraction: a frozen pretrained base and a new classifier head.
 
-The cheapest way to reuse a pretrained network. Freeze its convolutional base, call it
-with ``training=False`` (so BatchNormalization stays in inference mode), put a new head
+The cheapest way to reuse a pretrained network. Freeze its convolutional base (frozen
+BatchNormalization layers run in inference mode in Keras 3), put a new head
 on top (global pooling where needed, dropout, a Dense layer emitting logits) and train
 only the head on the few labels of the new task.
 

@@ -10,9 +10,9 @@ gradients down. So, as in the Keras guide "Transfer learning & fine-tuning":
 2. Phase 2 unfreezes the top of the base, either the top N layers with weights
    (``--schedule top:N``) or gradually, one more block every ``--unfreeze-every`` epochs
    from the top down (``--schedule gradual``), recompiles with a learning rate 10-100x
-   lower, and trains on. Every BatchNormalization layer stays frozen *and* in inference
-   mode (the base is called with ``training=False``): updating its statistics on a few
-   dozen images would undo what pretraining learned.
+   lower, and trains on. Every BatchNormalization layer stays frozen, which in Keras 3
+   also keeps it in inference mode (moving statistics used, never updated): updating its
+   statistics on a few dozen images would undo what pretraining learned.
 
 When to use it: after feature extraction, when you can spare a few more minutes and
 have a validation split to tell whether it helped. With very few labels the gain over
@@ -175,7 +175,7 @@ def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
 
 
 def build_model(base_model: keras.Model, num_classes: int, dropout: float, learning_rate: float) -> keras.Model:
-    """The frozen base (called with training=False) and a new head, compiled for phase 1."""
+    """The frozen base (BatchNorm in inference mode) and a new head, compiled for phase 1."""
     model = models.add_head(models.freeze(base_model), num_classes, dropout, name="fine_tune")
     return models.compile_classifier(model, learning_rate)  # compile after freezing
 

@@ -135,3 +135,21 @@ def test_unfreeze_top_keeps_batchnorm_frozen():
     assert models.unfreeze_top(base, 0) == []
     with pytest.raises(ValueError, match="cannot unfreeze 99 layers: base has 12 layers with weights"):
         models.unfreeze_top(base, 99)
+
+
+def test_batchnorm_uses_batch_statistics_only_when_trainable():
+    """Keras 3 passes fit's training=True through add_head's training=False; freezing is what
+    keeps BatchNorm in inference mode, so a fine-tuning step must leave its statistics alone."""
+    images = np.random.default_rng(0).uniform(2.0, 5.0, (8, 16, 16, 1)).astype("float32")
+    model = models.build_bn_cnn((16, 16, 1), 2, width=4, dropout=0.0)
+    batchnorm = model.get_layer("base").get_layer("block1_bn1")
+
+    before = batchnorm.moving_mean.numpy().copy()
+    model(images, training=True)
+    assert not np.allclose(batchnorm.moving_mean.numpy(), before)  # trainable: batch statistics
+
+    models.freeze(model.get_layer("base"))
+    models.unfreeze_top(model.get_layer("base"), 4)
+    before = batchnorm.moving_mean.numpy().copy()
+    np.testing.assert_allclose(model(images, training=True), model(images, training=False), atol=1e-5)
+    np.testing.assert_array_equal(batchnorm.moving_mean.numpy(), before)
