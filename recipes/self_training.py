@@ -391,10 +391,12 @@ class Trainer:
         return tf.argmax(probabilities, axis=1), tf.reduce_max(probabilities, axis=1)
 
 
-def train_labels_only(trainer: Trainer, split: Split, steps: int, config: Config, rng, log_every: int) -> dict:
-    """Supervised steps on weakly augmented labeled batches; returns the history (mean loss per chunk)."""
+def train_labels_only(trainer: Trainer, split: Split, steps: int, config: Config, rng, log_every: int,
+                      evaluate=None) -> dict:  # fmt: skip
+    """Supervised steps on weakly augmented labeled batches; returns the history (mean loss per
+    chunk of ``log_every`` steps, and ``evaluate()``'s test accuracy after each chunk when given)."""
     batches = index_batches(len(split.x_labeled), config.batch_size, rng)
-    history, losses = {"loss": [], "seconds": []}, []
+    history, losses = {"loss": [], "seconds": []} | ({"test_accuracy": []} if evaluate else {}), []
     start = time.perf_counter()
     progress = keras.utils.Progbar(steps, verbose=PROGRESS, unit_name="step")
     for step in range(1, steps + 1):
@@ -406,6 +408,8 @@ def train_labels_only(trainer: Trainer, split: Split, steps: int, config: Config
         if step % log_every == 0 or step == steps:
             history["loss"].append(float(np.mean(losses)))
             history["seconds"].append(round(time.perf_counter() - start, 2))
+            if evaluate:
+                history["test_accuracy"].append(evaluate())
             losses = []
     return history
 
@@ -479,7 +483,10 @@ def train_baseline(teacher: keras.Model, teacher_ema: keras.Model, dataset: data
     steps = config.rounds * config.steps_per_round
     trainer = Trainer(model, ema_model, steps, config, dataset.input_shape[0])
     rng = np.random.default_rng(config.seed + 20)
-    history = train_labels_only(trainer, split, steps, config, rng, config.steps_per_round)
+    # Evaluated after every round's worth of steps, to plot it beside the student round by round.
+    evaluate = lambda: test_accuracy(ema_model, dataset)  # noqa: E731
+    history = train_labels_only(trainer, split, steps, config, rng, config.steps_per_round, evaluate)
+    print(f"  labels only (the baseline, {steps} more steps): test accuracy {history['test_accuracy'][-1]:.3f}")
     return ema_model, history
 
 
@@ -529,18 +536,19 @@ def self_train(teacher: keras.Model, teacher_ema: keras.Model, dataset: data.Dat
 # --- Plots ------------------------------------------------------------------------
 
 
-def plot_rounds(rounds: list[dict], teacher_accuracy: float, baseline_accuracy: float):
-    """Test accuracy and pseudo-label precision per round, against the teacher and the baseline."""
+def plot_rounds(rounds: list[dict], teacher_accuracy: float, baseline_accuracies: list[float]):
+    """Test accuracy per round against the labels-only baseline after as many steps; pseudo-label precision."""
     plt = evaluation._pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     numbers = [0] + [r["round"] for r in rounds]
     left.plot(numbers, [teacher_accuracy] + [r["test_accuracy"] for r in rounds], "o-", label="self-training")
-    left.axhline(baseline_accuracy, color="grey", linestyle="--", label="labels only (same steps)")
+    left.plot(numbers, [teacher_accuracy] + baseline_accuracies, "s--", color="grey", label="labels only (same steps)")
     left.set(xlabel="round (0 = labels-only teacher)", ylabel="test accuracy", title="test accuracy per round")
     right.plot([r["round"] for r in rounds], [r["pseudo_label_precision"] for r in rounds], "o-", label="precision")
     right.plot([r["round"] for r in rounds], [r["kept_share"] for r in rounds], "s--", label="share kept")
     right.set(xlabel="round", ylabel="fraction", title="pseudo-labels per round", ylim=(0, 1.02))
     for ax in (left, right):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -607,9 +615,8 @@ def run(config: Config) -> dict:
         test_images=len(dataset.x_test),
     )
     histories = {"teacher": teacher_history, "labels_only": baseline_history, "self_training": student_history}
-    baseline_accuracy = variants["labels_only"]["test_accuracy"]
     figures = {
-        "rounds": plot_rounds(rounds, teacher_accuracy, baseline_accuracy),
+        "rounds": plot_rounds(rounds, teacher_accuracy, baseline_history["test_accuracy"]),
         "learning_curves": evaluation.plot_learning_curves(histories, metric="loss", title="training loss per round"),
         "confusion_matrix": evaluation.plot_confusion_matrix(
             variants["self_training"]["confusion_matrix"], dataset.class_names, "self-training: confusion matrix"
