@@ -51,9 +51,9 @@ Why, measured by putting the hidden labels where the pseudo-labels go (a diagnos
 the ``experiments/self-training-knobs`` branch, never part of the recipe), 3,000 student
 steps, labels only 85.3%: true labels on the images the teacher is confident about gain
 +0.0 points with the strong student views and +1.3 with weak ones; true labels on *every*
-unlabeled image gain only +0.9 with the strong views, +4.5 with weak ones. So on Fashion-MNIST at this budget
-the confident images carry little the labels do not, and the strong noise costs more than
-it teaches this small network (59,000 true labels alone reach 90.5%:
+unlabeled image gain only +0.9 with the strong views, +4.5 with weak ones. So on
+Fashion-MNIST at this budget the confident images carry little the labels do not, and the
+strong noise costs more than it teaches this small network (59,000 true labels alone reach 90.5%:
 ``--labels-per-class 5900 --teacher-steps 3000 --batch-size 128``, the teacher's line).
 Also tried at 3,000 steps, one seed each, none near the 3 points the goal asks for:
 per-class FlexMatch thresholds -0.2, MixUp -0.4, AdamW weight decay -0.5 (knobs on the
