@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -38,6 +39,12 @@ def check_record_and_run_folder(record: dict, out: Path) -> None:
     assert {"config.json", "metrics.json", "history.csv", "model.keras"} <= written
     assert {"rounds.png", "learning_curves.png", "confusion_matrix.png"} <= written
     assert json.loads((out / "metrics.json").read_text())["variants"]["teacher"] == record["variants"]["teacher"]
+    # The baseline is measured after every round's worth of steps, and ends where metrics.json says.
+    baseline_rows = [r for r in csv.DictReader((out / "history.csv").open()) if r["phase"] == "labels_only"]
+    assert len(baseline_rows) == len(student["rounds"])
+    assert float(baseline_rows[-1]["test_accuracy"]) == pytest.approx(
+        record["variants"]["labels_only"]["test_accuracy"]
+    )
 
 
 @pytest.mark.parametrize("method", ["consistency", "rounds"])
