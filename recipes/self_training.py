@@ -74,6 +74,7 @@ rest of the training split is the unlabeled pool, its labels hidden from trainin
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -494,7 +495,7 @@ def train_baseline(teacher: keras.Model, teacher_ema: keras.Model, dataset: data
     trainer = Trainer(model, ema_model, steps, config, dataset.input_shape[0])
     rng = np.random.default_rng(config.seed + 20)
     # Evaluated after every round's worth of steps, to plot it beside the student round by round.
-    evaluate = lambda: test_accuracy(ema_model, dataset)  # noqa: E731
+    evaluate = functools.partial(test_accuracy, ema_model, dataset)
     history = train_labels_only(trainer, split, steps, config, rng, config.steps_per_round, evaluate)
     print(f"  labels only (the baseline, {steps} more steps): test accuracy {history['test_accuracy'][-1]:.3f}")
     return ema_model, history
