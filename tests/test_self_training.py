@@ -97,6 +97,25 @@ def test_kept_pseudo_labels_pass_the_threshold_and_the_class_cap():
     assert len(everything) == 2000
 
 
+def test_views_stay_images_and_the_strong_one_adds_contrast_and_cutout():
+    weak, strong = self_training.make_augmenters(28, seed=0, cutout=0.25)
+    assert [type(layer).__name__ for layer in weak.layers] == ["RandomFlip", "RandomTranslation"]
+    assert [type(layer).__name__ for layer in strong.layers] == [
+        "RandomFlip", "RandomTranslation", "RandomContrast", "Cutout"
+    ]  # fmt: skip
+    images = np.random.default_rng(0).uniform(size=(64, 28, 28, 1)).astype("float32")
+    for view in (weak, strong):
+        out = np.asarray(view(images, training=True))
+        assert out.shape == images.shape and out.min() >= 0.0 and out.max() <= 1.0
+        assert not np.allclose(out, images)
+    grey = np.asarray(self_training.Cutout(7, seed=0)(np.zeros((8, 28, 28, 1), "float32")))
+    cut = (grey == 0.5).sum(axis=(1, 2, 3))
+    assert np.all((cut >= 4 * 4) & (cut <= 7 * 7))  # a 7 x 7 square, at least a quarter of it inside the image
+    everything = self_training.make_view(28, 0, rotate=0.1, zoom=0.1, contrast=0.1, brightness=0.1, cutout=0.1)
+    assert len(everything.layers) == 7
+    assert [type(layer).__name__ for layer in self_training.make_augmenters(28, 0, cutout=0)[1].layers][-1] != "Cutout"
+
+
 def test_labeled_examples_are_not_in_the_unlabeled_pool():
     dataset = data.load_dataset("fashion_mnist")
     split = self_training.split_data(dataset, self_training.Config(labels_per_class=10, seed=3))
