@@ -205,3 +205,13 @@ def test_self_training_learns_from_pseudo_labels_on_fashion_mnist(tmp_path):
     assert variants["self_training"]["rounds"][-1]["pseudo_label_precision"] >= 0.9
     assert student >= teacher + 0.02
     assert student >= labels_only - 0.02
+
+
+def test_augmentation_cost_diagnostic_trains_on_a_view():
+    from tests.benchmarks import augmentation_cost
+
+    dataset = data.load_dataset("fashion_mnist")
+    dataset.x_test, dataset.y_test = dataset.x_test[:200], dataset.y_test[:200]
+    strengths = augmentation_cost.VIEWS["strong (contrast 0.5, cutout 0.25)"]
+    accuracy = augmentation_cost.train_on_view(dataset, strengths, steps=3, batch_size=16, seed=0)
+    assert 0.0 <= accuracy <= 1.0
