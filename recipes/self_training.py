@@ -31,7 +31,8 @@ Two methods (``--method``):
 What this implementation does that the textbook versions did not: the student starts from
 the labels-only teacher; labeled and unlabeled images share one forward pass (one set of
 BatchNorm statistics); EMA weights make the pseudo-labels and are evaluated; the learning
-rate follows a cosine decay in every phase.
+rate follows a cosine decay in every phase; the strong view holds only operations that
+cost the network little even when it is trained on true labels (see ``make_augmenters``).
 
 **It does not yet beat training on the labels alone by the 3 points it should.** Measured
 (seed 0, two CPU cores shared with another job), teacher / labels only / self-training test
