@@ -15,6 +15,7 @@ About 3 minutes per view on 2 CPU cores shared with another job (35 minutes for 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import keras
@@ -48,10 +49,8 @@ def train_on_view(dataset: data.Dataset, strengths: dict, steps: int, batch_size
     trainer = st.Trainer(model, st.copy_model(model, "ema"), steps, config, dataset.input_shape[0])
     view = st.make_view(dataset.input_shape[0], seed, **strengths)
     augment = tf.function(lambda x: view(x, training=True))
-    rng = np.random.default_rng(seed)
-    for idx in st.index_batches(len(dataset.x_train), batch_size, rng):
-        if trainer.optimizer.iterations.numpy() >= steps:
-            break
+    batches = st.index_batches(len(dataset.x_train), batch_size, np.random.default_rng(seed))
+    for idx in itertools.islice(batches, steps):
         trainer.labels_step(augment(dataset.x_train[idx]), dataset.y_train[idx])
     return st.test_accuracy(trainer.ema_model, dataset)
 
@@ -64,12 +63,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     dataset = data.load_dataset("fashion_mnist")
     print(f"all {len(dataset.x_train)} labels, {args.steps} steps of {args.batch_size} images, seed {args.seed}")
-    reference = None
+    reference = None  # the first view's accuracy
     for name, strengths in VIEWS.items():
         start = time.perf_counter()
         accuracy = train_on_view(dataset, strengths, args.steps, args.batch_size, args.seed)
-        reference = accuracy if reference is None else reference
-        change = f"{100 * (accuracy - reference):+.1f} pts" if name != next(iter(VIEWS)) else "(reference)"
+        if reference is None:
+            reference, change = accuracy, "(reference)"
+        else:
+            change = f"{100 * (accuracy - reference):+.1f} pts"
         print(f"{name:<38} {100 * accuracy:5.1f}%  {change:<12} {time.perf_counter() - start:4.0f} s", flush=True)
 
 
