@@ -177,6 +177,23 @@ def plot_confusion_matrix(matrix, class_names: list[str], title: str = "confusio
     return fig
 
 
+def plot_per_class_accuracy(results: dict[str, list[float]], class_names: list[str],
+                            title: str = "test accuracy per class"):  # fmt: skip
+    """Grouped bars, one group per class and one bar per variant: where a method gains or loses."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(class_names)), 4))
+    width = 0.8 / max(1, len(results))
+    positions = np.arange(len(class_names))
+    for i, (name, values) in enumerate(results.items()):
+        ax.bar(positions + (i - (len(results) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(positions, class_names, rotation=45, ha="right")
+    ax.set(ylabel="test accuracy", title=title, ylim=(0, 1.15))  # headroom for the legend
+    ax.legend(fontsize=8, loc="upper center", ncols=len(results))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
 def plot_budget_curve(budgets: list[int], results: dict[str, list[float]], metric: str = "test accuracy"):
     """Metric against labels per class, one line per variant (log-scaled x axis)."""
     plt = _pyplot()

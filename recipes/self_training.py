@@ -654,6 +654,11 @@ def run(config: Config) -> dict:
     figures = {
         "rounds": plot_rounds(rounds, teacher_accuracy, baseline_history["test_accuracy"]),
         "learning_curves": evaluation.plot_learning_curves(histories, metric="loss", title="training loss per round"),
+        "per_class_accuracy": evaluation.plot_per_class_accuracy(
+            {name: variants[name]["per_class_accuracy"] for name in ("labels_only", "self_training")},
+            dataset.class_names,
+            "test accuracy per class: where self-training gains and loses",
+        ),
         "confusion_matrix": evaluation.plot_confusion_matrix(
             variants["self_training"]["confusion_matrix"], dataset.class_names, "self-training: confusion matrix"
         ),
@@ -662,6 +667,11 @@ def run(config: Config) -> dict:
 
     print(f"\n{config.labels_per_class} labels per class, {len(split.x_unlabeled)} unlabeled, {k} classes:")
     print(evaluation.comparison_table(record))
+    # Pseudo-labels can shift the class balance: a gain overall may hide a class the student gave up on.
+    gains = np.subtract(variants["self_training"]["per_class_accuracy"], variants["labels_only"]["per_class_accuracy"])
+    print("per class, points gained over labels only:", ", ".join(
+        f"{name} {100 * gain:+.1f}" for name, gain in zip(dataset.class_names, gains)
+    ))  # fmt: skip
     print(f"\nwrote {run_dir} in {record['seconds']:.0f} s")
     return record
 

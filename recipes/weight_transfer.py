@@ -207,6 +207,9 @@ def run(config: Config) -> dict:
             headline["transfer"]["report"]["confusion_matrix"], target.class_names, "transfer: confusion matrix"
         ),
         "accuracy_vs_budget": evaluation.plot_budget_curve(budgets, sweep),
+        "per_class_accuracy": evaluation.plot_per_class_accuracy(
+            {name: variants[name]["per_class_accuracy"] for name in VARIANTS}, target.class_names
+        ),
     }
     evaluation.write_run(run_dir, config, record, histories, figures, model=headline["transfer"]["model"])
 

@@ -85,6 +85,8 @@ def test_plots_return_figures():
     assert len(curves.axes[0].lines) == 3  # two curves and the phase boundary
     assert evaluation.plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"]).axes
     assert evaluation.plot_budget_curve([10, 50], {"scratch": [0.7, 0.8]}).axes
+    bars = evaluation.plot_per_class_accuracy({"scratch": [0.5, 0.9], "transfer": [0.6, 0.8]}, ["a", "b"]).axes[0]
+    assert [round(p.get_height(), 1) for p in bars.patches] == [0.5, 0.9, 0.6, 0.8]
 
 
 def test_make_run_dir_default_is_unique(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ def check_record_and_run_folder(record: dict, out: Path) -> None:
     assert np.sum(student["confusion_matrix"]) == record["test_images"] == 1000
     written = {p.name for p in out.iterdir()}
     assert {"config.json", "metrics.json", "history.csv", "model.keras"} <= written
-    assert {"rounds.png", "learning_curves.png", "confusion_matrix.png"} <= written
+    assert {"rounds.png", "learning_curves.png", "per_class_accuracy.png", "confusion_matrix.png"} <= written
     assert json.loads((out / "metrics.json").read_text())["variants"]["teacher"] == record["variants"]["teacher"]
     # The baseline is measured after every round's worth of steps, and ends where metrics.json says.
     baseline_rows = [r for r in csv.DictReader((out / "history.csv").open()) if r["phase"] == "labels_only"]

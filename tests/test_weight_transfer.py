@@ -44,6 +44,7 @@ def test_quick_run_writes_the_run_folder(quick_run):
     written = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "metrics.json", "history.csv", "model.keras"} <= written
     assert {"learning_curves.png", "confusion_matrix.png", "accuracy_vs_budget.png"} <= written
+    assert "per_class_accuracy.png" in written
     assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(record))
     assert json.loads((tmp_path / "config.json").read_text())["quick"] is True
 
