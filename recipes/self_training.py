@@ -74,7 +74,7 @@ teacher trained on 1,000 labels cannot give. Also tried (temporary edits, not in
 repository), none near 3 points: per-class (FlexMatch) thresholds (-0.3, seed 0: they let
 shirts in, at a precision of 0.77-0.85), distribution alignment (ReMixMatch; +0.3, seed 0:
 it evens the mean prediction, not the confident counts, so shirts stay out), pseudo-label
-losses weighted by the inverse of their class's share (+0.3, mean of seeds 0-2), soft
+losses weighted by the inverse of their class's share (+0.2 over seeds 0-2, as without), soft
 targets (the teacher's probabilities) at threshold 0.8 (+0.7, seed 0; hard labels +0.6),
 MixUp, AdamW weight decay (-0.5 to -0.2), ``--method rounds --threshold 0.9`` (-0.4),
 seven unlabeled images per labeled one
