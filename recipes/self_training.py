@@ -46,9 +46,10 @@ on the 10,000 test images, mean over seeds 0, 1 and 2, the range in brackets:
   is over the weakest baseline, seed 2's 69.9%); precision 0.80-0.86; 343-379 s;
 - ``--threshold 0.8``: 85.0% at 100 labels per class (+0.3, -0.1 to +0.6), precision
   0.84-0.94, 62-80% kept;
-- more student steps, seed 0 (``--steps-per-round 750``, 3,000 steps): labels only 85.5%,
-  self-training 86.0% (+0.5; 771 s), with ``--threshold 0.8`` 86.3% (+0.8; 448 s alone,
-  within the 10-minute budget: the candidate default, once three seeds confirm it);
+- 3,000 student steps (``--steps-per-round 750``), seed 0: labels only 85.5%, self-training
+  86.0% (+0.5; 771 s); with ``--threshold 0.8 --seed S``, seeds 0-2: labels only 85.5%,
+  self-training 86.6% (**+1.0**, +0.8 to +1.2; precision 0.90-0.94; 448 s alone, within the
+  10-minute budget: the candidate default, once the 10-label point is measured with it);
 - ten times the steps (``--threshold 0.8 --steps-per-round 3000 --seed S``, 12,000 student
   steps, 52-62 min with another job on the cores), seeds 0 and 1: labels only 85.7 / 86.4%,
   self-training 87.6 / 87.9% (**+1.9 / +1.5**). Labels only stops improving after its first
