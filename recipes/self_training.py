@@ -35,8 +35,8 @@ rate follows a cosine decay in every phase; the strong view holds only operation
 cost the network little even when it is trained on true labels (see ``make_augmenters``).
 
 **It does not yet beat training on the labels alone by the 3 points it should.** Measured
-(two CPU cores, mostly shared with another job), teacher / labels only / self-training test accuracy
-on the 10,000 test images, mean over seeds 0, 1 and 2, the range in brackets:
+(two CPU cores, mostly shared with another job), teacher / labels only / self-training
+test accuracy on the 10,000 test images, mean over seeds 0, 1 and 2, the range in brackets:
 
 - default (``python -m recipes.self_training --seed S``, 100 labels per class, 1,200
   student steps): 80.8 / 84.6 / 84.8% (**+0.2 points**, -0.1 to +0.4); pseudo-label
@@ -60,8 +60,8 @@ The gain is not spread over the classes (``per_class_accuracy.png`` in the run f
 run prints it per class): at 100 labels per class, averaged over the three seeds, shirts
 lose 2.7 points (-6.8 to +1.8) and sandals 1.3 while trousers, pullovers and sneakers gain
 1.1 to 1.5. Shirts are a tenth of the pool but at most 0.6% of the pseudo-labels kept
-above 0.95: the teacher is almost never sure an image is a shirt, so the student is taught the
-other classes on shirt-like images. At 10 labels per class the swings are larger (coats
+above 0.95: the teacher is almost never sure an image is a shirt, so the student is taught
+the other classes on shirt-like images. At 10 labels per class the swings are larger (coats
 -18 points, pullovers, dresses and sneakers +10 to +13).
 
 The strong view decides most of it. Trained on all 60,000 true labels, the strong view
@@ -82,11 +82,11 @@ teacher trained on 1,000 labels cannot give. Also tried (temporary edits, not in
 repository), none near 3 points: per-class (FlexMatch) thresholds (-0.3, seed 0: they let
 shirts in, at a precision of 0.77-0.85), distribution alignment (ReMixMatch; +0.3, seed 0:
 it evens the mean prediction, not the confident counts, so shirts stay out), pseudo-label
-losses weighted by the inverse of their class's share (+0.2 over seeds 0-2, as without), soft
-targets (the teacher's probabilities) at threshold 0.8 (+0.7, seed 0; hard labels +0.6),
-MixUp, AdamW weight decay (-0.5 to -0.2), ``--method rounds --threshold 0.9`` (-0.4),
-seven unlabeled images per labeled one
-(``--unlabeled-ratio 7``: no better after two of four rounds, twice the time), and a
+losses weighted by the inverse of their class's share (+0.2 over seeds 0-2, as without),
+soft targets (the teacher's probabilities) at threshold 0.8 (+0.7, seed 0; hard labels
++0.6), MixUp, AdamW weight decay (-0.5 to -0.2), ``--method rounds --threshold 0.9``
+(-0.4), seven unlabeled images per labeled one (``--unlabeled-ratio 7``: no better after
+two of four rounds, twice the time), and a
 twice-as-wide network (``--width 32 --steps-per-round 750``: its own labels-only
 baseline rises to 86.6%, the student was at 84.2% after the first of four rounds, and a
 step takes 2.5 times as long).
