@@ -47,11 +47,12 @@ def check_record_and_run_folder(record: dict, out: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("method", ["consistency", "rounds"])
-def test_both_methods_and_hidden_labels_change_nothing_but_the_precision(tmp_path, monkeypatch, method):
-    """A quick run of each method; then the same run with the unlabeled pool's hidden labels
-    shuffled: every accuracy, count and histogram stays, only the reported precision moves."""
-    flags = ("--method", method, "--threshold", "0.5", "--class-cap", "1.2")
+@pytest.mark.parametrize("method, jit", [("consistency", ()), ("rounds", ()), ("consistency", ("--jit",))])
+def test_both_methods_and_hidden_labels_change_nothing_but_the_precision(tmp_path, monkeypatch, method, jit):
+    """A quick run of each method (and of the XLA-compiled steps); then the same run with the
+    unlabeled pool's hidden labels shuffled: every accuracy, count and histogram stays, only
+    the reported precision moves."""
+    flags = ("--method", method, "--threshold", "0.5", "--class-cap", "1.2", *jit)
     first = run_quick(tmp_path / "a", *flags)
     check_record_and_run_folder(first, tmp_path / "a")
     rounds_a = first["variants"]["self_training"]["rounds"]
