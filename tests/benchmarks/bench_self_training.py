@@ -5,7 +5,6 @@ the same batches, side by side in one run."""
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 import time
 
@@ -45,9 +44,9 @@ def main() -> None:
 
     rows = []
     for method, jit in [("consistency", False), ("rounds", False), ("consistency", True)]:
-        config = st.Config(method=method, jit=jit, teacher_steps=100, rounds=2, steps_per_round=STEPS_PER_ROUND)
         with tempfile.TemporaryDirectory() as out:
-            record = st.run(dataclasses.replace(config, out=out))
+            record = st.run(st.Config(method=method, jit=jit, teacher_steps=100, rounds=2,
+                                      steps_per_round=STEPS_PER_ROUND, out=out))  # fmt: skip
         seconds = [r["seconds"] for r in record["variants"]["self_training"]["rounds"]]
         rows.append((method + (" (XLA)" if jit else ""), seconds))
     print("\ntime per student round (a short teacher, two rounds each):")
