@@ -394,7 +394,7 @@ def pseudo_label_stats(pseudo_labels: np.ndarray, hidden_labels: np.ndarray, num
 
 
 class Trainer:
-    """One training phase: Adam with a cosine decay over ``steps``, EMA weights, XLA-compiled steps.
+    """One training phase: Adam with a cosine decay over ``steps``, EMA weights, tf.function steps.
 
     ``model`` trains; ``ema_model`` follows it as an exponential moving average (with the
     usual warm-up ``min(decay, (1 + t) / (10 + t))``) and is the one that teaches and is evaluated.
@@ -412,7 +412,8 @@ class Trainer:
         self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
         self.labels_step = tf.function(self._labels_step, jit_compile=config.jit)
         self.pseudo_step = tf.function(self._pseudo_step, jit_compile=config.jit)
-        self.teach = tf.function(self._teach, jit_compile=config.jit)
+        # The augmentation layers do not compile with XLA: this step only calls the compiled pseudo_step.
+        self.consistency_step = tf.function(self._consistency_step)
         self.augment_weak = tf.function(lambda x: self.weak(x, training=True))
         self.augment_strong = tf.function(lambda x: self.strong(x, training=True))
 
@@ -444,10 +445,16 @@ class Trainer:
         self._apply(tape, loss)
         return labeled_loss, pseudo_loss
 
-    def _teach(self, x):
-        """The EMA teacher's pseudo-label and confidence for each image (inference mode)."""
-        probabilities = tf.nn.softmax(self.ema_model(x, training=False))
-        return tf.argmax(probabilities, axis=1), tf.reduce_max(probabilities, axis=1)
+    def _consistency_step(self, x, y, u):
+        """One FixMatch step on raw images, as one graph: the EMA teacher labels a weak view of
+        ``u`` (inference mode); where its confidence passes the threshold, the student learns
+        that label on a strong view. Returns the two losses, the pseudo-labels and the 0/1 mask."""
+        x = self.weak(x, training=True)
+        probabilities = tf.nn.softmax(self.ema_model(self.weak(u, training=True), training=False))
+        pseudo_labels = tf.argmax(probabilities, axis=1)
+        mask = tf.cast(tf.reduce_max(probabilities, axis=1) >= self.config.threshold, tf.float32)
+        labeled_loss, pseudo_loss = self.pseudo_step(x, y, self.strong(u, training=True), pseudo_labels, mask)
+        return labeled_loss, pseudo_loss, pseudo_labels, mask
 
 
 def train_labels_only(trainer: Trainer, split: Split, steps: int, config: Config, rng, log_every: int,
@@ -484,11 +491,9 @@ def train_consistency_round(trainer: Trainer, split: Split, steps: int, config: 
     progress = keras.utils.Progbar(steps, verbose=PROGRESS, unit_name="step")
     for step in range(1, steps + 1):
         idx, uidx = next(labeled), next(unlabeled)
-        x = trainer.augment_weak(split.x_labeled[idx])
-        u = split.x_unlabeled[uidx]
-        pseudo_labels, confidence = trainer.teach(trainer.augment_weak(u))
-        mask = tf.cast(confidence >= config.threshold, tf.float32)
-        loss, pseudo_loss = trainer.pseudo_step(x, split.y_labeled[idx], trainer.augment_strong(u), pseudo_labels, mask)
+        loss, pseudo_loss, pseudo_labels, mask = trainer.consistency_step(
+            split.x_labeled[idx], split.y_labeled[idx], split.x_unlabeled[uidx]
+        )
         losses.append(float(loss))
         pseudo_losses.append(float(pseudo_loss))
         # Bookkeeping only: the hidden labels are read here, after the step, for the precision report.

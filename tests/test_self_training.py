@@ -209,6 +209,18 @@ def test_self_training_learns_from_pseudo_labels_on_fashion_mnist(tmp_path):
     assert student >= labels_only - 0.02
 
 
+def test_consistency_step_in_one_graph_matches_the_same_work_in_four_calls():
+    """The recipe's fused step (weak views, teacher, threshold, strong view, update) ends at the
+    same weights as the four separately called functions it replaced; the benchmark times both."""
+    from tests.benchmarks import bench_self_training
+
+    dataset = data.load_dataset("fashion_mnist")
+    config = self_training.Config(unlabeled=500, threshold=0.1)  # a low threshold: pseudo-labels are used
+    split = self_training.split_data(dataset, config)
+    ms = bench_self_training.consistency_step_dispatch(dataset, split, config, steps=3)  # asserts equal weights
+    assert set(ms) == {"one graph", "four calls"}
+
+
 def test_augmentation_cost_diagnostic_trains_on_a_view():
     from tests.benchmarks import augmentation_cost
 
