@@ -63,7 +63,8 @@ def consistency_step_dispatch(dataset: data.Dataset, split: st.Split, config: st
     steppers, trainers = {}, {}
     for name in ("one graph", "four calls"):
         keras.utils.set_random_seed(config.seed)  # the clones' dropout layers draw their seeds from it
-        trainer = st.Trainer(st.copy_model(model, "student"), st.copy_model(model, "ema"), 1000, config, 28)
+        student, ema = st.copy_model(model, "student"), st.copy_model(model, "ema")
+        trainer = st.Trainer(student, ema, 1000, config, dataset.input_shape[0])
         trainers[name] = trainer
         steppers[name] = trainer.consistency_step if name == "one graph" else consistency_step_in_four_calls(trainer)
     seconds = dict.fromkeys(steppers, 0.0)
