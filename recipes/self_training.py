@@ -93,7 +93,7 @@ default, seed 0), MixUp, AdamW weight decay (-0.5 to -0.2), ``--method rounds --
 0.9`` (-0.4), seven unlabeled images per labeled one (``--unlabeled-ratio 7``: no better
 after two of four rounds, twice the time), one per labeled one for more, cheaper steps
 (``--unlabeled-ratio 1 --steps-per-round 1500``, 6,000 steps: +1.9 / +1.0 / +1.7, mean
-+1.5, seeds 0-2, 428 s alone on the cores; with the sharpened targets +2.1 / +0.8 / +2.1;
++1.5, seeds 0-2, seed 1 428 s alone on the cores; with the sharpened targets +2.1 / +0.8 / +2.1;
 ``--steps-per-round 2000``, 8,000 steps: +2.1, seed 0), label propagation over a
 30-nearest-neighbour graph of the teacher's features (Iscen et al. 2019; a diagnostic that
 reads the hidden labels: it labels 85.7% of the pool right where the teacher's own
