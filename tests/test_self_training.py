@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
@@ -152,12 +153,26 @@ def test_init_from_a_pretrained_model(tmp_path, capsys):
     np.testing.assert_array_equal(cnn.get_layer("conv2").kernel.numpy(), seed_cnn.get_layer("conv2").kernel.numpy())
 
 
+def test_mixed_bfloat16_computes_in_bfloat16_keeps_float32_weights_and_leaves_the_global_policy(tmp_path):
+    config = self_training.Config(quick=True, precision="mixed_bfloat16").resolved()
+    dataset = self_training.load_data(config)
+    model = self_training.build_model(dataset, config)
+    assert model(dataset.x_test[:2]).dtype == "bfloat16"
+    assert {w.dtype for w in model.weights} == {"float32"}
+    assert keras.config.dtype_policy().name == "float32"  # other recipes in this process are unaffected
+    assert self_training.resolve_precision("auto") in ("float32", "mixed_bfloat16")
+    record = run_quick(tmp_path, "--precision", "mixed_bfloat16")
+    assert record["precision"] == "mixed_bfloat16" and record["variants"]["self_training"]["rounds"]
+    assert json.loads((tmp_path / "config.json").read_text())["precision"] == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"
+
+
 def test_help_documents_every_flag():
     out = subprocess.run(
         [sys.executable, "-m", "recipes.self_training", "--help"], env=ENV, capture_output=True, text=True, check=True
     ).stdout
     for flag in ("--method", "--threshold", "--class-cap", "--rounds", "--labels-per-class", "--init",
-                 "--teacher-steps", "--steps-per-round", "--unlabeled-ratio", "--seed", "--quick"):  # fmt: skip
+                 "--teacher-steps", "--steps-per-round", "--unlabeled-ratio", "--precision", "--seed", "--quick"):  # fmt: skip
         assert flag in out
 
 
@@ -170,6 +185,7 @@ def test_help_documents_every_flag():
         (["--labels-per-class", "6000"], "the unlabeled pool is empty"),
         (["--rounds", "0"], "rounds must be at least 1, got 0"),
         (["--method", "mixmatch"], "unknown method 'mixmatch'; choose one of consistency, rounds"),
+        (["--precision", "float16"], "unknown precision 'float16'; choose one of auto, float32, mixed_bfloat16"),
         (["--architecture", "vit"], "unknown architecture 'vit'"),
         (["--strategy", "mirrored"], "strategy 'mirrored' is not supported"),
         (["--init", "no/such/model.keras"], "--init model 'no/such/model.keras' does not exist"),

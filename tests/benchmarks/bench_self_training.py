@@ -1,11 +1,13 @@
 """Benchmark of the self-training recipe: time per student round of each method, with and
 without XLA compilation of the training steps (``--jit``); the consistency step as one graph
-against the same work in four calls; and the prediction throughput on the unlabeled pool
+against the same work in four calls, and in float32 against mixed_bfloat16 (``--precision``);
+and the prediction throughput on the unlabeled pool
 (images/s), batch prediction through ``tf.data`` against a Python loop over the same batches,
 side by side in one run."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 
@@ -29,7 +31,9 @@ def prediction_throughput(model, pool: np.ndarray) -> dict[str, float]:
     tf_data_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    loop = [tf.nn.softmax(model(pool[i : i + BATCH], training=False)).numpy() for i in range(0, len(pool), BATCH)]
+    loop = [
+        tf.nn.softmax(st.float32_logits(model, pool[i : i + BATCH], False)).numpy() for i in range(0, len(pool), BATCH)
+    ]
     loop_seconds = time.perf_counter() - start
     np.testing.assert_allclose(np.concatenate(loop), via_tf_data, atol=1e-4)
     return {"tf.data": len(pool) / tf_data_seconds, "python loop": len(pool) / loop_seconds}
@@ -38,7 +42,7 @@ def prediction_throughput(model, pool: np.ndarray) -> dict[str, float]:
 def consistency_step_in_four_calls(trainer: st.Trainer):
     """The consistency step as the recipe ran it before: weak views, teacher, strong view and
     update as four separately dispatched functions (the same layers, so the same random draws)."""
-    teach = tf.function(lambda u: tf.nn.softmax(trainer.ema_model(u, training=False)))
+    teach = tf.function(lambda u: tf.nn.softmax(st.float32_logits(trainer.ema_model, u, training=False)))
 
     def step(x, y, u):
         x = trainer.augment_weak(x)
@@ -56,10 +60,6 @@ def consistency_step_dispatch(dataset: data.Dataset, split: st.Split, config: st
     timed in alternating blocks of ``block`` steps (so both see the same machine); both must end
     at the same weights."""
     model = st.build_model(dataset, config)
-    rng = np.random.default_rng(0)
-    n_unlabeled = config.batch_size * config.unlabeled_ratio
-    batches = [(rng.choice(len(split.x_labeled), config.batch_size), rng.choice(len(split.x_unlabeled), n_unlabeled))
-               for _ in range(steps + 10)]  # fmt: skip
     steppers, trainers = {}, {}
     for name in ("one graph", "four calls"):
         keras.utils.set_random_seed(config.seed)  # the clones' dropout layers draw their seeds from it
@@ -67,6 +67,32 @@ def consistency_step_dispatch(dataset: data.Dataset, split: st.Split, config: st
         trainer = st.Trainer(student, ema, 1000, config, dataset.input_shape[0])
         trainers[name] = trainer
         steppers[name] = trainer.consistency_step if name == "one graph" else consistency_step_in_four_calls(trainer)
+    ms = time_alternating(steppers, split, config, steps, block)
+    for one, four in zip(trainers["one graph"].model.get_weights(), trainers["four calls"].model.get_weights()):
+        np.testing.assert_allclose(one, four, rtol=1e-4, atol=1e-5)
+    return ms
+
+
+def consistency_step_precision(dataset: data.Dataset, split: st.Split, config: st.Config,
+                               steps: int = DISPATCH_STEPS, block: int = 25) -> dict[str, float]:  # fmt: skip
+    """ms per consistency step of the same network computing in float32 and in mixed_bfloat16,
+    timed in alternating blocks of ``block`` steps on the same batches."""
+    steppers = {}
+    for precision in ("float32", "mixed_bfloat16"):
+        precise = dataclasses.replace(config, precision=precision)
+        model = st.build_model(dataset, precise)
+        trainer = st.Trainer(model, st.copy_model(model, "ema"), 1000, precise, dataset.input_shape[0])
+        steppers[precision] = trainer.consistency_step
+    return time_alternating(steppers, split, config, steps, block)
+
+
+def time_alternating(steppers: dict, split: st.Split, config: st.Config, steps: int, block: int) -> dict[str, float]:
+    """ms per step of each consistency step function on the same random batches, timed in
+    alternating blocks of ``block`` steps so that every one sees the same machine."""
+    rng = np.random.default_rng(0)
+    n_unlabeled = config.batch_size * config.unlabeled_ratio
+    batches = [(rng.choice(len(split.x_labeled), config.batch_size), rng.choice(len(split.x_unlabeled), n_unlabeled))
+               for _ in range(steps + 10)]  # fmt: skip
     seconds = dict.fromkeys(steppers, 0.0)
 
     def run(name, chunk):
@@ -81,8 +107,6 @@ def consistency_step_dispatch(dataset: data.Dataset, split: st.Split, config: st
             start = time.perf_counter()
             run(name, batches[first : first + block])
             seconds[name] += time.perf_counter() - start
-    for one, four in zip(trainers["one graph"].model.get_weights(), trainers["four calls"].model.get_weights()):
-        np.testing.assert_allclose(one, four, rtol=1e-4, atol=1e-5)
     return {name: 1000 * total / steps for name, total in seconds.items()}
 
 
@@ -105,6 +129,13 @@ def main() -> None:
         for name, ms in dispatch.items():
             print(f"  {name:<12} {ms:>8.1f} ms/step")
         print(f"four calls / one graph time per step: {dispatch['four calls'] / dispatch['one graph']:.2f}")
+
+    for width in (config.width, 24):  # the default network, and the 1.5-times wider one of the docstring
+        print(f"\nconsistency step by --precision, width {width} (auto here: {st.resolve_precision('auto')}):")
+        by_precision = consistency_step_precision(dataset, split, dataclasses.replace(config, width=width))
+        for name, ms in by_precision.items():
+            print(f"  {name:<15} {ms:>8.1f} ms/step")
+        print(f"float32 / mixed_bfloat16 time per step: {by_precision['float32'] / by_precision['mixed_bfloat16']:.2f}")
 
     rows = []
     for method, jit in [("consistency", False), ("rounds", False), ("consistency", True)]:
