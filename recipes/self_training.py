@@ -34,101 +34,6 @@ BatchNorm statistics); EMA weights make the pseudo-labels and are evaluated; the
 rate follows a cosine decay in every phase; the strong view holds only operations that
 cost the network little even when it is trained on true labels (see ``make_augmenters``).
 
-**It does not beat training on the labels alone by the 3 points it should.** Measured
-(two CPU cores, mostly shared with another job), teacher / labels only / self-training
-test accuracy on the 10,000 test images, mean over seeds 0, 1 and 2, the range in brackets:
-
-- default (``python -m recipes.self_training --seed S``: 100 labels per class, a
-  3,000-step teacher, 4,000 student steps at threshold 0.8): 85.5 / 86.0 / 87.5%
-  (**+1.4 points**, +1.0 to +1.7); pseudo-label precision 0.91-0.92, 83-91% of the
-  unlabeled views kept; 456 s alone on the cores (measured at 10 labels per class, the same
-  steps), 752-1,016 s sharing them;
-- ``--labels-per-class 10``: 72.6 / 72.5 / 69.4% (**-3.2**, -4.3 to -2.2): the student
-  loses ground every round. A teacher that has seen 100 images is confident about 84-91%
-  of the pool at threshold 0.8, but only 72-78% of those labels are right, and the student
-  learns the mistakes (confirmation bias). ``--threshold 0.95`` keeps 73-85% at a
-  precision of 0.77-0.83 and still loses (-0.6 and -2.8, seeds 0 and 1). With so few
-  labels use the previous default below, which gained +1.1;
-- the previous default (``--teacher-steps 600 --steps-per-round 300 --threshold 0.95``,
-  1,200 student steps, run with ``--jit``): +0.2 (-0.1 to +0.4) at 100 labels per class,
-  +1.1 (-0.6 to +3.1) at 10; at 100 labels per class with ``--threshold 0.8`` +0.3, and
-  with 3,000 student steps (``--steps-per-round 750``) as well +1.0 (+0.8 to +1.2);
-- ten times those student steps (``--teacher-steps 600 --threshold 0.8 --steps-per-round
-  3000 --seed S``, 12,000 student steps, 52-62 min shared), seeds 0 and 1: labels only
-  85.7 / 86.4%, self-training 87.6 / 87.9% (**+1.9 / +1.5**). Labels only stops improving
-  after its first 3,000 steps; self-training still gained 0.1-0.2 points in the last 3,000.
-
-The gain is not spread evenly over the classes (``per_class_accuracy.png`` in the run
-folder; the run prints it per class). With the default, averaged over the three seeds,
-pullovers gain 4.8 points, sneakers 2.6, dresses 2.3, T-shirts 1.9 (-1.9 to +4.9) and
-shirts 1.5 (-2.6 to +9.3), while sandals and ankle boots lose 0.5-0.6. Shirts are the
-class the teacher is least sure of: above the earlier threshold of 0.95 they were at most
-0.6% of the pseudo-labels kept and lost 2.7 points on average, so the student was taught
-the other classes on shirt-like images; at 0.8 they are 7.5-8% of those kept.
-
-The strong view decides most of it. Trained on all 60,000 true labels, the strong view
-this recipe first used (0.15 shift, 29-degree rotation, zoom, brightness, contrast, a
-half-side cutout) reaches 78.4% where the weak view reaches 89.1%
-(``python -m tests.benchmarks.augmentation_cost``; ``make_augmenters`` lists each
-operation's cost): it taught the student images unlike the test set, and self-training
-stayed at or below labels only (default -0.5, 3,000 steps -0.1, 6,000 steps +0.2). The
-present strong view (contrast, a quarter-side cutout) costs 0.4 points under full supervision.
-
-What is still missing, measured in an earlier session by putting the hidden labels where
-the pseudo-labels go (a diagnostic that reads hidden labels, so not part of this
-repository; 3,000 steps, weak student views, labels only 85.3%): true labels on the images
-the teacher is confident about gain +1.3 points, true labels on *every* unlabeled image
-+4.5. The confident images carry little the labeled ones do not; the 3 points need right
-labels on the images the teacher is unsure of (shirt, T-shirt, pullover, coat), which a
-teacher trained on 1,000 labels cannot give. Also tried (temporary edits, not in the
-repository), none near 3 points: per-class (FlexMatch) thresholds (-0.3, seed 0: they let
-shirts in, at a precision of 0.77-0.85), distribution alignment (ReMixMatch; +0.3, seed 0:
-it evens the mean prediction, not the confident counts, so shirts stay out), pseudo-label
-losses weighted by the inverse of their class's share (+0.2 over seeds 0-2, as without),
-soft targets (the teacher's probabilities) at threshold 0.8 (+0.7, seed 0; hard labels
-+0.6), the teacher's sharpened probabilities (UDA: temperature 0.5, weight 0.5) as the
-target for the views *below* the threshold, the hard labels kept above it (+0.0 to +0.4
-over four runs of the same seed and settings without them; +1.9 against +1.6 with the
-default, seed 0), MixUp, AdamW weight decay (-0.5 to -0.2), ``--method rounds --threshold
-0.9`` (-0.4), seven unlabeled images per labeled one (``--unlabeled-ratio 7``: no better
-after two of four rounds, twice the time), one per labeled one for more, cheaper steps
-(``--unlabeled-ratio 1 --steps-per-round 1500``, 6,000 steps: +1.9 / +1.0 / +1.7, mean
-+1.5, seeds 0-2, seed 1 428 s alone on the cores; with the sharpened targets +2.1 / +0.8 / +2.1;
-``--steps-per-round 2000``, 8,000 steps: +2.1, seed 0), label propagation over a
-30-nearest-neighbour graph of the teacher's features (Iscen et al. 2019; a diagnostic that
-reads the hidden labels: it labels 85.7% of the pool right where the teacher's own
-predictions do 85.5%, and no more of the images the teacher is unsure of, 52.6-54.3%
-against 53.4% at confidence 0.5-0.8), and a twice-as-wide network (``--width 32
---steps-per-round 750``: its own labels-only baseline rises to 86.6%, the student was at
-84.2% after the first of four rounds, and a step takes 2.5 times as long).
-
-Whatever else changes, seed 0 ends within 0.3 points of the default's 87.2%: a slower EMA
-(``--ema 0.999``: 87.2%), a student trained from scratch for 7,000 steps instead of from the
-teacher (``--teacher-steps 1 --unlabeled-ratio 1 --steps-per-round 1750``, threshold 0.8 or
-0.95: 87.3 and 87.2%), more dropout (``--dropout 0.5``: 87.4%, but its labels-only baseline
-falls to 85.2%, so of its +2.2 points 0.4 come from a weaker baseline), co-training (two
-networks of different initialisations trained side by side, both learning the average of
-their EMA teachers' predictions; a temporary script): pseudo-label precision 0.92-0.94, yet
-+1.9 / +0.8 / +1.5 on seeds 0-2, mean +1.4 as the default (the two networks averaged reach
-88.0 / 88.0 / 87.3%, but that is two networks against one).
-
-Only capacity moved it, at a price in time. ``--width 24`` (1.5 times the filters) lifts labels
-only to 86.2% and self-training to 88.3% (+2.1, seed 0), but took 1,188 s, half of it sharing the
-cores. ``--precision mixed_bfloat16`` (bfloat16 compute, float32 weights; ``auto`` picks it on a
-CPU with bfloat16 instructions, as this one has) makes such a step faster (``make bench``) at the
-same accuracy: the same run 86.4 -> 88.5% (+2.2). With a 2,000-step teacher, ``--width 24
---teacher-steps 2000 --precision mixed_bfloat16 --seed S`` gained **+2.4 / +1.8 / +2.2** on seeds
-0-2 (labels only 85.8 / 86.3 / 85.4%, self-training 88.2 / 88.1 / 87.6%; mean +2.1, the largest
-of any setting near ten minutes), in 616 s alone on the cores for seed 0: 16 s over the budget,
-which is why it is not the default. Cut to a 1,000-step teacher to fit (``--teacher-steps 1000``,
-579 s alone) it gained +1.6 / +1.6 / +1.7 (labels only 86.2 / 86.1 / 85.7%, self-training 87.9 /
-87.7 / 87.3%), the default's mean with a narrower spread. Twice the width (``--width 32
---precision mixed_bfloat16``, 3,000-step teacher, seed 0) did no better: 86.8 -> 88.5% (+1.7),
-1,285 s sharing the cores. With one unlabeled image per labeled one to save time
-(``--width 24 --unlabeled-ratio 1``, float32): +1.4 and +1.7 (seeds 0 and 1). Seeds 1 and 2 of
-the 2,000-step teacher and the bfloat16 runs with a 3,000-step teacher (widths 24 and 32) were
-made with a first version of ``--precision`` that also ran the augmentation layers in bfloat16.
-
 What the default run does (``python -m recipes.self_training``): Fashion-MNIST, all 10
 classes, ``--labels-per-class 100`` labeled training images drawn with the seed; the
 rest of the training split is the unlabeled pool, its labels hidden from training
@@ -140,6 +45,18 @@ rest of the training split is the unlabeled pool, its labels hidden from trainin
   further steps as the student gets, with the same augmentation, EMA and schedule;
 - ``self_training``: the teacher trained on with pseudo-labels for
   ``--rounds`` x ``--steps-per-round`` steps.
+
+What to expect, measured on two CPU cores (test accuracy on the 10,000 test images, mean
+over seeds 0-2, the range in brackets): labels only 86.0%, self-training 87.5%, **+1.4
+points** (+1.0 to +1.7), short of the 3 points this recipe was asked for; pseudo-label
+precision 0.91-0.92; 456 s with the two cores to itself. At ``--labels-per-class 10`` it
+*loses* 3.2 points: the teacher is confident about most of the pool but wrong on a quarter
+of it, and the student learns those mistakes; there the shorter ``--teacher-steps 600
+--steps-per-round 300 --threshold 0.95`` gains +1.1. A 1.5-times wider network in bfloat16
+(``--width 24 --teacher-steps 2000 --precision mixed_bfloat16``) gains +2.1 in a little over
+ten minutes. Everything else that was tried (thresholds, targets, optimisers, views, longer
+runs, co-training) and the evidence for why none reaches 3 points are in
+``docs/self_training_experiments.md``.
 """
 
 from __future__ import annotations
