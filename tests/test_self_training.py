@@ -208,9 +208,10 @@ def test_notebook_runs_in_quick_mode():
 # teacher steps, 4 x 150 student steps). Measured, seeds 0 / 1 / 2: teacher 77.5 / 78.4 / 78.4%,
 # labels only 81.9 / 83.4 / 82.0%, self-training 81.7 / 82.9 / 82.7%, last-round pseudo-label
 # precision 0.933 / 0.940 / 0.944. At this budget self-training only matches labels only (its gain
-# grows with the student's steps: docs/self_training_experiments.md), so this guards what it does do: precise pseudo-labels, a student well above
-# its teacher, and no more than 2 points below the labels-only baseline. A broken pseudo-labelling
-# (wrong classes, labels from the hidden pool, a collapsing student) fails it.
+# grows with the student's steps: docs/self_training_experiments.md), so this guards what it does
+# do: precise pseudo-labels, a student well above its teacher, and no more than 2 points below the
+# labels-only baseline. A broken pseudo-labelling (wrong classes, labels from the hidden pool, a
+# collapsing student) fails it.
 SMALL_RUN = ["--unlabeled", "20000", "--test-images", "2000", "--teacher-steps", "300", "--steps-per-round", "150"]
 
 
