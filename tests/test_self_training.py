@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,12 @@ def test_augmentation_cost_diagnostic_trains_on_a_view():
     strengths = augmentation_cost.VIEWS["strong (contrast 0.5, cutout 0.25)"]
     accuracy = augmentation_cost.train_on_view(dataset, strengths, steps=3, batch_size=16, seed=0)
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_full_supervision_diagnostic_reports_each_seed_and_the_mean(capsys):
+    from tests.benchmarks import full_supervision
+
+    full_supervision.main(["--seeds", "0", "1", "--steps", "2", "--batch-size", "16"])
+    printed = capsys.readouterr().out
+    assert "seed 0:" in printed and "seed 1:" in printed
+    assert re.search(r"full supervision: \d+\.\d% \(\d+\.\d-\d+\.\d\)", printed)

@@ -41,9 +41,13 @@ VIEWS = {
 }
 
 
-def train_on_view(dataset: data.Dataset, strengths: dict, steps: int, batch_size: int, seed: int) -> float:
-    """Test accuracy (EMA weights) after ``steps`` supervised steps on views of all training images."""
-    config = st.Config(seed=seed, batch_size=batch_size)
+def train_on_view(dataset: data.Dataset, strengths: dict, steps: int, batch_size: int, seed: int,
+                  **config_overrides) -> float:  # fmt: skip
+    """Test accuracy (EMA weights) after ``steps`` supervised steps on views of all training images.
+
+    ``config_overrides`` are recipe options for the network (e.g. ``width=24``, ``precision="mixed_bfloat16"``).
+    """
+    config = st.Config(seed=seed, batch_size=batch_size, **config_overrides)
     keras.utils.set_random_seed(seed)  # no op determinism: XLA would refuse the MaxPool gradient
     model = st.build_model(dataset, config)
     trainer = st.Trainer(model, st.copy_model(model, "ema"), steps, config, dataset.input_shape[0])
