@@ -1,6 +1,6 @@
 """How far could self-training go? The recipe's network trained on all 60,000 true labels.
 
-Self-training can at best recover what the hidden labels of the unlabeled pool would
+Self-training can hardly do better than the hidden labels of the unlabeled pool would
 have taught. This trains the self-training recipe's network (its Trainer: Adam, cosine
 decay, EMA, the weak view) on every labeled training image for as many steps of as many
 images as the default student takes (4,000 steps of 32 labeled + 96 unlabeled images),
