@@ -27,12 +27,22 @@ from tests.benchmarks.augmentation_cost import train_on_view
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The default student's budget, read from the recipe so that the reference follows its defaults.
+    student = st.Config()
+    student_steps = student.rounds * student.steps_per_round
+    student_batch = student.batch_size * (1 + student.unlabeled_ratio)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="One run per seed.")
-    parser.add_argument("--steps", type=int, default=4000, help="Training steps (the default student's 4 x 1,000).")
-    parser.add_argument("--batch-size", type=int, default=128, help="Images per step (the student's 32 + 3 x 32).")
-    parser.add_argument("--width", type=int, default=st.Config.width, help="As the recipe's --width.")
-    parser.add_argument("--precision", default="float32", choices=st.PRECISIONS, help="As the recipe's --precision.")
+    parser.add_argument(
+        "--steps", type=int, default=student_steps, help="Training steps (the default student's: %(default)s)."
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=student_batch, help="Images per step (the student's: %(default)s)."
+    )
+    parser.add_argument("--width", type=int, default=student.width, help="As the recipe's --width.")
+    parser.add_argument(
+        "--precision", default=student.precision, choices=st.PRECISIONS, help="As the recipe's --precision."
+    )
     args = parser.parse_args(argv)
     dataset = data.load_dataset("fashion_mnist")
     print(f"all {len(dataset.x_train)} labels, {args.steps} steps of {args.batch_size} images, width {args.width}")
