@@ -56,10 +56,10 @@ the 91.3% the same network reaches with all 60,000 training labels known
 of it, and the student learns those mistakes; there the shorter ``--teacher-steps 600
 --steps-per-round 300 --threshold 0.95`` gains +1.1. A 1.5-times wider network in bfloat16
 (``--width 24 --teacher-steps 2000 --precision mixed_bfloat16``) gains +2.1 in a little over
-ten minutes. Everything else that was tried (thresholds, targets, optimisers, learning rates,
-views, longer runs, co-training, feature consistency, rotation prediction, a flip-averaged
-teacher, virtual adversarial training) and the evidence for why none reaches 3 points are in
-``docs/self_training_experiments.md``.
+ten minutes. Everything else that was tried (thresholds, targets, optimisers, learning
+rates, views, longer runs, co-training, feature consistency, rotation prediction, a
+flip-averaged teacher, virtual adversarial training, negative labels) and the evidence for
+why none reaches 3 points are in ``docs/self_training_experiments.md``.
 """
 
 from __future__ import annotations
