@@ -58,8 +58,9 @@ of it, and the student learns those mistakes; there the shorter ``--teacher-step
 (``--width 24 --teacher-steps 2000 --precision mixed_bfloat16``) gains +2.1 in a little over
 ten minutes. Everything else that was tried (thresholds, targets, optimisers, learning
 rates, views, longer runs, co-training, feature consistency, rotation prediction, a
-flip-averaged teacher, virtual adversarial training, negative labels) and the evidence for
-why none reaches 3 points are in ``docs/self_training_experiments.md``.
+flip-averaged teacher, virtual adversarial training, negative labels, a separate
+pseudo-label head, a flattened classifier) and the evidence for why none reaches 3 points
+are in ``docs/self_training_experiments.md``.
 """
 
 from __future__ import annotations
