@@ -49,18 +49,19 @@ rest of the training split is the unlabeled pool, its labels hidden from trainin
 What to expect, measured on two CPU cores (test accuracy on the 10,000 test images, mean
 over seeds 0-2, the range in brackets): labels only 86.0%, self-training 87.5%, **+1.4
 points** (+1.0 to +1.7), short of the 3 points this recipe was asked for; pseudo-label
-precision 0.91-0.92; 456 s with the two cores to itself. That is about a quarter of the way to
-the 91.3% the same network reaches with all 60,000 training labels known
-(``python -m tests.benchmarks.full_supervision``). At ``--labels-per-class 10`` it
-*loses* 3.2 points: the teacher is confident about most of the pool but wrong on a quarter
-of it, and the student learns those mistakes; there the shorter ``--teacher-steps 600
---steps-per-round 300 --threshold 0.95`` gains +1.1. A 1.5-times wider network in bfloat16
-(``--width 24 --teacher-steps 2000 --precision mixed_bfloat16``) gains +2.1 in a little over
-ten minutes. Everything else that was tried (thresholds, targets, optimisers, learning
-rates, views, longer runs, co-training, feature consistency, rotation prediction, a
-flip-averaged teacher, virtual adversarial training, negative labels, a separate
-pseudo-label head, a flattened classifier) and the evidence for why none reaches 3 points
-are in ``docs/self_training_experiments.md``.
+precision 0.91-0.92; 456 s with the two cores to itself (239 s on a faster host of the
+same kind). That is about a quarter of the way to the 91.3% the same network reaches with
+all 60,000 training labels known (``python -m tests.benchmarks.full_supervision``). At
+``--labels-per-class 10`` it *loses* 3.2 points: the teacher is confident about most of
+the pool but wrong on a quarter of it, and the student learns those mistakes; there the
+shorter ``--teacher-steps 600 --steps-per-round 300 --threshold 0.95`` gains +1.1. A
+1.5-times wider network in bfloat16 (``--width 24 --teacher-steps 2000 --precision
+mixed_bfloat16``) gains +2.1 in a little over ten minutes on the slower host (342 s on the
+faster). Everything else that was tried (thresholds, targets, optimisers, learning rates,
+views, longer runs, co-training, feature consistency, rotation prediction, a flip-averaged
+teacher, virtual adversarial training, negative labels, a separate pseudo-label head, a
+flattened classifier) and the evidence for why none reaches 3 points are in
+``docs/self_training_experiments.md``.
 """
 
 from __future__ import annotations
