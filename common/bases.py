@@ -36,6 +36,7 @@ import numpy as np
 from keras import layers
 
 from common import data, models
+from common.errors import InputError, MissingInputError
 
 CACHE_DIR_ENV = "RECIPES_CACHE_DIR"
 SOURCE_CNN = "source-cnn"
@@ -97,7 +98,7 @@ def base_kind(spec: str) -> str:
         return "backbone"
     if spec.endswith(".keras") or Path(spec).is_file():
         return "keras-file"
-    raise ValueError(
+    raise InputError(
         f"unknown base {spec!r}; choose {SOURCE_CNN}, a keras.applications name "
         f"({', '.join(models.BACKBONES)}) or a path to a saved .keras model"
     )
@@ -107,18 +108,18 @@ def check_base_args(spec: str, weights: str = "", image_size: int = 0, cut: str 
     """Validate ``--base``/``--weights``/``--image-size``/``--source-cut`` without building anything."""
     kind = base_kind(spec)
     if kind == "source-cnn" and cut not in SOURCE_CUTS:
-        raise ValueError(f"unknown --source-cut {cut!r}; choose one of {', '.join(SOURCE_CUTS)}")
+        raise InputError(f"unknown --source-cut {cut!r}; choose one of {', '.join(SOURCE_CUTS)}")
     if kind != "backbone" and weights:
-        raise ValueError(f"--weights {weights!r} applies to keras.applications bases only, not {spec!r}")
+        raise InputError(f"--weights {weights!r} applies to keras.applications bases only, not {spec!r}")
     if kind == "backbone":
         _, _, min_side = models.BACKBONES[spec]
         side = image_size or DEFAULT_BACKBONE_SIZE
         if side < min_side:
-            raise ValueError(f"backbone {spec} needs inputs of at least {min_side}x{min_side}, got --image-size {side}")
+            raise InputError(f"backbone {spec} needs inputs of at least {min_side}x{min_side}, got --image-size {side}")
         if weights not in ("", "imagenet", "none") and not Path(weights).is_file():
-            raise FileNotFoundError(f"--weights file {weights!r} for backbone {spec} does not exist")
+            raise MissingInputError(f"--weights file {weights!r} for backbone {spec} does not exist")
     if kind == "keras-file" and not Path(spec).is_file():
-        raise FileNotFoundError(f"--base {spec!r}: no such .keras file")
+        raise MissingInputError(f"--base {spec!r}: no such .keras file")
 
 
 def load_base(spec: str, weights: str = "", image_size: int = 0, source: data.Dataset | None = None,
@@ -150,7 +151,7 @@ def backbone_base(name: str, weights: str, side: int) -> Base:
     except (ValueError, FileNotFoundError):
         raise
     except Exception as error:  # the imagenet download, offline
-        raise RuntimeError(
+        raise InputError(
             f"could not get {weights!r} weights for {name} ({type(error).__name__}: {error}); "
             "offline, pass --weights none or a local weights file"
         ) from error
@@ -164,9 +165,9 @@ def keras_file_base(path: str) -> Base:
     try:
         loaded = keras.models.load_model(path, compile=False)
     except Exception as error:
-        raise ValueError(f"--base {path!r} is not a Keras model ({type(error).__name__}: {error})") from error
+        raise InputError(f"--base {path!r} is not a Keras model ({type(error).__name__}: {error})") from error
     if not isinstance(loaded, keras.Model):
-        raise ValueError(f"--base {path!r} holds a {type(loaded).__name__}, not a Keras model")
+        raise InputError(f"--base {path!r} holds a {type(loaded).__name__}, not a Keras model")
     names = [layer.name for layer in loaded.layers]
     if "base" in names and isinstance(loaded.get_layer("base"), keras.Model):
         model, cut = loaded.get_layer("base"), "sub-model 'base'"
@@ -177,7 +178,7 @@ def keras_file_base(path: str) -> Base:
         model, cut = loaded, "the whole model"
     shape = tuple(model.input_shape[1:])
     if len(shape) != 3 or None in shape:
-        raise ValueError(f"--base {path!r} takes inputs of shape {shape}; an image model of fixed (H, W, C) is needed")
+        raise InputError(f"--base {path!r} takes inputs of shape {shape}; an image model of fixed (H, W, C) is needed")
     return Base(path, model, _identity, shape, {"kind": "keras-file", "uses": cut})
 
 
@@ -234,7 +235,7 @@ def spatial_base(bn_cnn_base: keras.Model, cut: str = "block2") -> keras.Model:
     84-88% with block 3 flattened (576), 88-91% with block 2 flattened (1,568).
     """
     if cut not in SOURCE_CUTS:
-        raise ValueError(f"unknown source-cnn cut {cut!r}; choose one of {', '.join(SOURCE_CUTS)}")
+        raise InputError(f"unknown source-cnn cut {cut!r}; choose one of {', '.join(SOURCE_CUTS)}")
     feature_map = bn_cnn_base.get_layer(f"{cut}_pool").output
     flat = layers.Flatten(name="flatten")(feature_map)
     return keras.Model(bn_cnn_base.input, flat, name="base")

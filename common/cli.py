@@ -4,17 +4,29 @@ Every recipe declares its knobs once, as a dataclass whose fields carry a defaul
 and a one-line help text (``knob(default, "help")``). ``parse_config`` builds the
 argparse parser from it, so ``python -m recipes.<name> --help`` documents every
 field, and a notebook builds the same ``Config(...)`` directly.
+
+Bad input (a flag value, a missing file, a folder or model that cannot be used) is
+raised as :class:`InputError`; ``run_cli`` prints it as one ``error: ...`` line on
+stderr and exits with status 2, as argparse does for a bad flag. ``--debug`` (or
+``RECIPES_DEBUG=1``) shows the full traceback instead. Any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from common.errors import InputError, MissingInputError  # noqa: F401  (re-exported for recipes)
+
 STRATEGIES = ("default", "mirrored")
+DEBUG_ENV = "RECIPES_DEBUG"
 
 
 def knob(default: Any, help: str) -> Any:
@@ -28,22 +40,42 @@ class RecipeConfig:
 
     seed: int = knob(0, "Seed for data sampling, weight init and shuffling.")
     out: str = knob("", "Run folder; default runs/<recipe>/<timestamp>.")
-    quick: bool = knob(False, "Tiny settings for smoke tests and CI (seconds, not minutes).")
+    quick: bool = knob(False, "Tiny settings for smoke tests and CI; never overrides a flag you give.")
     strategy: str = knob("default", "tf.distribute strategy: default | mirrored.")
+    debug: bool = knob(False, f"Show the full traceback of an input error (or set {DEBUG_ENV}=1).")
+    # Fields given on the command line (filled by parse_config); --quick leaves them alone.
+    given: tuple[str, ...] = field(default=(), compare=False, repr=False, metadata={"cli": False})
 
     # Field overrides applied by --quick; each recipe sets its own.
     QUICK: ClassVar[dict[str, Any]] = {}
 
     def resolved(self) -> RecipeConfig:
-        """This config with the ``--quick`` overrides applied, and its values checked."""
+        """This config with the ``--quick`` overrides applied, and its values checked.
+
+        ``--quick`` changes only the fields the user did not set: a field given on the
+        command line, or set in ``Config(...)`` to something other than its default, keeps
+        its value.
+        """
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        return dataclasses.replace(self, **self.QUICK) if self.quick else self
+            raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if not self.quick:
+            return self
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        overrides = {
+            name: value
+            for name, value in self.QUICK.items()
+            if name not in self.given and getattr(self, name) == defaults[name]
+        }
+        return dataclasses.replace(self, **overrides)
 
 
 def _flag_type(annotation: Any) -> Any:
     # Annotations are strings under `from __future__ import annotations`.
     return {"int": int, "float": float, "str": str, "bool": bool}.get(annotation, annotation)
+
+
+def _cli_fields(config_cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(config_cls) if f.metadata.get("cli", True)]
 
 
 def build_parser(config_cls: type, description: str | None = None) -> argparse.ArgumentParser:
@@ -53,7 +85,7 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
+    for f in _cli_fields(config_cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(hints.get(f.name, f.type))
         help_text = f.metadata.get("help", "")
@@ -65,9 +97,35 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
 
 
 def parse_config(config_cls: type, argv: list[str] | None = None, description: str | None = None):
-    """Parse ``argv`` (default: ``sys.argv[1:]``) into a ``config_cls`` instance."""
-    args = build_parser(config_cls, description).parse_args(argv)
-    return config_cls(**vars(args))
+    """Parse ``argv`` (default: ``sys.argv[1:]``) into a ``config_cls`` instance.
+
+    The instance's ``given`` lists the fields named on the command line, which ``--quick``
+    does not override.
+    """
+    parser = build_parser(config_cls, description)
+    args = vars(parser.parse_args(argv))
+    # A second parse with every default suppressed leaves only what the user typed.
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = tuple(sorted(vars(parser.parse_args(argv))))
+    return config_cls(**args, given=given)
+
+
+def run_cli(config_cls: type, run: Callable, argv: list[str] | None = None, description: str | None = None):
+    """A recipe's ``main``: parse the flags, ``run(config)``, and report bad input in one line.
+
+    An :class:`InputError` prints ``error: <message>`` on stderr and exits with status 2
+    (argparse's convention), unless ``--debug`` or ``RECIPES_DEBUG=1`` asks for the
+    traceback. Other exceptions are bugs and propagate with their traceback.
+    """
+    config = parse_config(config_cls, argv, description)
+    try:
+        return run(config)
+    except InputError as error:
+        if config.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def set_seed(seed: int) -> None:
@@ -92,4 +150,4 @@ def make_strategy(name: str):
         devices = [d.name for d in tf.config.list_logical_devices("GPU")]
         devices = devices or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
-    raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    raise InputError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")

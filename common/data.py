@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import InputError, MissingInputError
+
 BUILTIN_DATASETS = ("fashion_mnist", "digits", "mnist", "cifar10")
 PREFIXED_DATASETS = ("tfds:<name>", "folder:<path>")
 DATA_DIR_ENV = "RECIPES_DATA_DIR"
@@ -81,7 +83,7 @@ def load_dataset(name: str = "fashion_mnist", image_size: int | None = None, see
     if name.startswith("folder:"):
         return _load_folder(Path(name.removeprefix("folder:")), image_size or 64, seed)
     choices = ", ".join(BUILTIN_DATASETS + PREFIXED_DATASETS)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {choices}")
+    raise InputError(f"unknown dataset {name!r}; choose one of {choices}")
 
 
 # --- Fashion-MNIST, offline first -------------------------------------------------
@@ -130,7 +132,7 @@ def _load_fashion_mnist() -> Dataset:
             directory = _download_fashion_mnist()
         except Exception as error:  # no network: say where we looked and how to fix it
             looked = "\n  ".join(str(d) for d in fashion_mnist_search_dirs())
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"Fashion-MNIST files ({', '.join(FASHION_MNIST_FILES.values())}) not found in:\n  {looked}\n"
                 f"and the Keras download failed ({type(error).__name__}: {error}).\n"
                 "Get them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or copy "
@@ -192,7 +194,7 @@ def _load_tfds(name: str, image_size: int | None, seed: int) -> Dataset:
         builder = tfds.builder(name)
     except Exception as error:  # tfds raises its own DatasetNotFoundError
         reason = str(error).splitlines()[0]  # the rest lists every TFDS name
-        raise ValueError(f"unknown TFDS dataset {name!r} ({reason}); see tfds.list_builders()") from error
+        raise InputError(f"unknown TFDS dataset {name!r} ({reason}); see tfds.list_builders()") from error
     image_key, label_key = _tfds_keys(builder.info)
     # Split names come from the dataset's metadata; without it (tfds.testing.mock_data) assume train/test.
     splits = list(builder.info.splits.keys()) or ["train", "test"]
@@ -222,13 +224,13 @@ def _tfds_keys(info) -> tuple[str, str]:
     images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
     labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
     if not images or not labels:
-        raise ValueError(f"TFDS dataset {info.name!r} has no image + class-label features; found {list(features)}")
+        raise InputError(f"TFDS dataset {info.name!r} has no image + class-label features; found {list(features)}")
     return images[0], "label" if "label" in labels else labels[0]
 
 
 def _fixed_size(shape: tuple, name: str) -> int:
     if shape[0] is None or shape[0] != shape[1]:
-        raise ValueError(f"TFDS dataset {name!r} has images of shape {shape}; pass --image-size")
+        raise InputError(f"TFDS dataset {name!r} has images of shape {shape}; pass --image-size")
     return shape[0]
 
 
@@ -240,12 +242,12 @@ def _resize(image, size: int):
 
 def _load_folder(path: Path, image_size: int, seed: int) -> Dataset:
     if not path.is_dir():
-        raise FileNotFoundError(f"image folder {str(path)!r} does not exist")
+        raise MissingInputError(f"image folder {str(path)!r} does not exist")
     if (path / "train").is_dir() and (path / "test").is_dir():
         x_train, y_train, names = _read_image_folder(path / "train", image_size)
         x_test, y_test, test_names = _read_image_folder(path / "test", image_size)
         if test_names != names:
-            raise ValueError(f"{path}/train has classes {names} but {path}/test has {test_names}")
+            raise InputError(f"{path}/train has classes {names} but {path}/test has {test_names}")
     else:
         x, y, names = _read_image_folder(path, image_size)
         train, test = holdout_split(y, 0.2, seed)
@@ -258,7 +260,7 @@ def _read_image_folder(path: Path, image_size: int) -> tuple[np.ndarray, np.ndar
 
     classes = sorted(d.name for d in path.iterdir() if d.is_dir())
     if len(classes) < 2:
-        raise ValueError(f"image folder {str(path)!r} needs one sub-folder per class, at least 2; found {classes}")
+        raise InputError(f"image folder {str(path)!r} needs one sub-folder per class, at least 2; found {classes}")
     ds = keras.utils.image_dataset_from_directory(
         path, image_size=(image_size, image_size), batch_size=None, shuffle=False, verbose=False
     )
@@ -280,7 +282,7 @@ def parse_classes(spec: str) -> list[int]:
             else:
                 classes.append(int(part))
         except ValueError:
-            raise ValueError(f"cannot read class list {spec!r}; write e.g. '0-4' or '5,6,7'") from None
+            raise InputError(f"cannot read class list {spec!r}; write e.g. '0-4' or '5,6,7'") from None
     return classes
 
 
@@ -289,15 +291,15 @@ def check_class_split(dataset: Dataset, *class_lists: list[int]) -> None:
     seen: dict[int, int] = {}
     for position, classes in enumerate(class_lists):
         if not classes:
-            raise ValueError(f"class list #{position + 1} is empty")
+            raise InputError(f"class list #{position + 1} is empty")
         unknown = sorted(set(classes) - set(range(dataset.num_classes)))
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"classes {unknown} are not in {dataset.name} (it has classes 0-{dataset.num_classes - 1})"
             )
         for c in classes:
             if c in seen and seen[c] != position:
-                raise ValueError(f"class {c} ({dataset.class_names[c]}) is in two class lists; they must not overlap")
+                raise InputError(f"class {c} ({dataset.class_names[c]}) is in two class lists; they must not overlap")
             seen[c] = position
 
 
@@ -320,13 +322,13 @@ def select_classes(dataset: Dataset, classes: list[int]) -> Dataset:
 def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     """Indices of ``per_class`` examples of every class, drawn with ``seed`` (stratified)."""
     if per_class < 1:
-        raise ValueError(f"label budget must be at least 1 per class, got {per_class}")
+        raise InputError(f"label budget must be at least 1 per class, got {per_class}")
     rng = np.random.default_rng(seed)
     picked = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         if per_class > len(members):
-            raise ValueError(f"label budget {per_class} per class is larger than class {c}, which has {len(members)}")
+            raise InputError(f"label budget {per_class} per class is larger than class {c}, which has {len(members)}")
         picked.append(rng.choice(members, per_class, replace=False))
     return np.sort(np.concatenate(picked))
 
@@ -352,7 +354,7 @@ def to_input_shape(images: np.ndarray, shape: tuple[int, int, int], batch_size: 
 
     height, width, channels = shape
     if images.shape[-1] not in (1, 3) or channels not in (1, 3):
-        raise ValueError(f"can convert between 1 and 3 channels only, not {images.shape[-1]} -> {channels}")
+        raise InputError(f"can convert between 1 and 3 channels only, not {images.shape[-1]} -> {channels}")
     if images.shape[1:] == tuple(shape):
         return images
     out = np.empty((len(images), height, width, channels), dtype=np.float32)

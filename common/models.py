@@ -12,6 +12,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
+from common.errors import InputError, MissingInputError
+
 # keras.applications backbones: constructor, its own preprocess_input, and the smallest
 # input side it accepts (Keras checks this when weights are loaded; smaller inputs
 # collapse the feature map to nothing).
@@ -91,23 +93,23 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | 
     local weights file of the same architecture.
     """
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+        raise InputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     constructor, _, min_side = BACKBONES[name]
     height, width, channels = input_shape
     if channels != 3 or min(height, width) < min_side:
-        raise ValueError(
+        raise InputError(
             f"backbone {name} needs RGB inputs of at least {min_side}x{min_side}, got {input_shape}; "
             "pass a larger image size (inputs are resized and converted to RGB for you)"
         )
     local_file = weights not in (None, "imagenet")
     if local_file and not Path(weights).is_file():
-        raise FileNotFoundError(f"weights file {weights!r} for backbone {name} does not exist")
+        raise MissingInputError(f"weights file {weights!r} for backbone {name} does not exist")
     base = constructor(include_top=False, weights=None if local_file else weights, input_shape=input_shape)
     if local_file:
         try:
             base.load_weights(weights)
         except Exception as error:
-            raise ValueError(f"weights file {weights!r} does not fit backbone {name}: {error}") from error
+            raise InputError(f"weights file {weights!r} does not fit backbone {name}: {error}") from error
     return base
 
 
@@ -173,7 +175,7 @@ def copy_weights(source: keras.Model, target: keras.Model, exclude: tuple[str, .
         target_layer.set_weights(source_weights)
         report.copied.append(target_layer.name)
     if not report.copied:
-        raise ValueError(
+        raise InputError(
             f"no layer of {source.name!r} fits {target.name!r}; nothing copied. Skipped: "
             + "; ".join(f"{name}: {why}" for name, why in report.skipped)
         )
@@ -197,7 +199,7 @@ def unfreeze_top(base: keras.Model, num_layers: int) -> list[str]:
     """
     weighted = [layer for layer in base.layers if layer.weights]
     if not 0 <= num_layers <= len(weighted):
-        raise ValueError(f"cannot unfreeze {num_layers} layers: {base.name} has {len(weighted)} layers with weights")
+        raise InputError(f"cannot unfreeze {num_layers} layers: {base.name} has {len(weighted)} layers with weights")
     base.trainable = True
     top = set(id(layer) for layer in weighted[len(weighted) - num_layers :]) if num_layers else set()
     unfrozen = []

@@ -47,7 +47,7 @@ import numpy as np
 from keras import layers
 
 from common import bases, data, evaluation, models
-from common.cli import RecipeConfig, knob, make_strategy, parse_config, set_seed
+from common.cli import RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 
 @dataclass
@@ -262,8 +262,7 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
-    return run(config)
+    return run_cli(Config, run, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

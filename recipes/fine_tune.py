@@ -49,7 +49,7 @@ import keras
 import numpy as np
 
 from common import bases, data, evaluation, models
-from common.cli import RecipeConfig, knob, make_strategy, parse_config, set_seed
+from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 TUNERS = ("hyperband", "random")
 
@@ -107,7 +107,7 @@ def split_target(target: data.Dataset, config: Config) -> dict[str, tuple[np.nda
     """``train`` (the label budget), ``val`` (disjoint, for early stopping) and ``test`` (maybe subsampled)."""
     smallest = int(np.bincount(target.y_train).min())
     if config.labels_per_class + config.val_per_class > smallest:
-        raise ValueError(
+        raise InputError(
             f"--labels-per-class {config.labels_per_class} + --val-per-class {config.val_per_class} "
             f"exceeds the smallest target class, which has {smallest} training images"
         )
@@ -142,7 +142,7 @@ def parse_schedule(schedule: str) -> tuple[str, int]:
             n = -1
         if n >= 1:
             return "top", n
-    raise ValueError(f"unknown --schedule {schedule!r}; write 'top:N' (N >= 1 layers) or 'gradual'")
+    raise InputError(f"unknown --schedule {schedule!r}; write 'top:N' (N >= 1 layers) or 'gradual'")
 
 
 def count_weighted_layers(model: keras.Model) -> int:
@@ -160,7 +160,7 @@ def check_schedule(config: Config, source: data.Dataset, base: bases.Base | None
     else:
         available = count_weighted_layers(base.model)
     if n > available:
-        raise ValueError(f"--schedule top:{n}: the base {config.base!r} has only {available} layers with weights")
+        raise InputError(f"--schedule top:{n}: the base {config.base!r} has only {available} layers with weights")
 
 
 def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
@@ -266,7 +266,7 @@ def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir
     import keras_tuner as kt
 
     if config.tuner not in TUNERS:
-        raise ValueError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
+        raise InputError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
     available = count_weighted_layers(base.model)
 
     class FineTuneModel(kt.HyperModel):
@@ -340,7 +340,7 @@ def run(config: Config) -> dict:
     bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut)
     parse_schedule(config.schedule)
     if config.tuner not in TUNERS:
-        raise ValueError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
+        raise InputError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
     set_seed(config.seed)
     strategy = make_strategy(config.strategy)
 
@@ -420,8 +420,7 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
-    return run(config)
+    return run_cli(Config, run, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

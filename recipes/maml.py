@@ -71,7 +71,7 @@ import tensorflow as tf
 from keras import layers
 
 from common import data, evaluation
-from common.cli import RecipeConfig, knob, make_strategy, parse_config, set_seed
+from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 ALGORITHMS = ("maml", "fomaml", "reptile")
 SINUSOID = "sinusoid"
@@ -135,18 +135,18 @@ def parse_steps(spec: str, what: str) -> list[int]:
     try:
         values = sorted({int(s) for s in str(spec).split(",") if s.strip()})
     except ValueError:
-        raise ValueError(f"cannot read {what} {spec!r}; write e.g. '0,1,5,10'") from None
+        raise InputError(f"cannot read {what} {spec!r}; write e.g. '0,1,5,10'") from None
     if not values or min(values) < 0:
-        raise ValueError(f"{what} {spec!r} must list non-negative integers")
+        raise InputError(f"{what} {spec!r} must list non-negative integers")
     return values
 
 
 def check_config(config: Config) -> None:
     """Every error a bad flag can cause, raised before any data is loaded or trained on."""
     if config.algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {config.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        raise InputError(f"unknown algorithm {config.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     if config.strategy != "default":
-        raise ValueError(
+        raise InputError(
             f"strategy {config.strategy!r} is not supported by MAML's custom meta-step (it runs on one device); "
             "use --strategy default"
         )
@@ -166,10 +166,10 @@ def check_config(config: Config) -> None:
         positive |= {"batch_size": config.batch_size, "pretrain_iterations": config.pretrain_iterations}
     for name, value in positive.items():
         if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
     parse_steps(config.eval_steps, "eval steps")
     if image and min(parse_steps(config.shots, "shots")) < 1:
-        raise ValueError(f"--shots {config.shots!r}: every K must be at least 1")
+        raise InputError(f"--shots {config.shots!r}: every K must be at least 1")
 
 
 # --- Task families ----------------------------------------------------------------
@@ -210,10 +210,10 @@ class EpisodeSampler:
 
     def check(self, ways: int, shots: int, query: int, side: str) -> None:
         if ways > len(self.classes):
-            raise ValueError(f"{ways}-way episodes need {ways} {side} classes, but there are only {len(self.classes)}")
+            raise InputError(f"{ways}-way episodes need {ways} {side} classes, but there are only {len(self.classes)}")
         smallest = self.smallest_class()
         if shots + query > smallest:
-            raise ValueError(
+            raise InputError(
                 f"K + query = {shots} + {query} = {shots + query} images per class, but the smallest {side} class "
                 f"has {smallest}"
             )
@@ -318,12 +318,12 @@ class MetaLearner:
     def __init__(self, model: keras.Model, loss_fn, score_fn, algorithm: str = "maml", alpha: float = 0.01,
                  inner_steps: int = 1, meta_lr: float = 1e-3, task_map: str = "vectorized"):  # fmt: skip
         if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+            raise InputError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if not alpha > 0 or not inner_steps > 0:
-            raise ValueError(f"alpha and inner_steps must be positive, got {alpha} and {inner_steps}")
+            raise InputError(f"alpha and inner_steps must be positive, got {alpha} and {inner_steps}")
         self.model, self.loss_fn, self.score_fn = model, loss_fn, score_fn
         if task_map not in ("vectorized", "map"):
-            raise ValueError(f"unknown task_map {task_map!r}; choose vectorized or map")
+            raise InputError(f"unknown task_map {task_map!r}; choose vectorized or map")
         self.algorithm, self.alpha, self.inner_steps, self.task_map = algorithm, alpha, inner_steps, task_map
         self.optimizer = keras.optimizers.Adam(meta_lr)
         self.optimizer.build(model.trainable_variables)
@@ -724,8 +724,7 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
-    return run(config)
+    return run_cli(Config, run, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ import tensorflow as tf
 from keras import layers
 
 from common import data, evaluation, models
-from common.cli import RecipeConfig, knob, parse_config, set_seed
+from common.cli import InputError, MissingInputError, RecipeConfig, knob, run_cli, set_seed
 
 METHODS = ("consistency", "rounds")
 ARCHITECTURES = ("bn_cnn", "cnn")
@@ -158,41 +158,41 @@ def load_data(config: Config) -> data.Dataset:
 def check_config(config: Config, dataset: data.Dataset) -> None:
     """Every bad value gets a clear error here, before any training starts."""
     if config.method not in METHODS:
-        raise ValueError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
+        raise InputError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise InputError(f"unknown precision {config.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if config.architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {config.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        raise InputError(f"unknown architecture {config.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
     if config.strategy != "default":
-        raise ValueError(
+        raise InputError(
             f"strategy {config.strategy!r} is not supported: this recipe's training loop runs on one device"
         )
     if not 0.0 < config.threshold <= 1.0:
-        raise ValueError(f"threshold {config.threshold} is outside (0, 1]")
+        raise InputError(f"threshold {config.threshold} is outside (0, 1]")
     if config.rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {config.rounds}")
+        raise InputError(f"rounds must be at least 1, got {config.rounds}")
     for name in ("teacher_steps", "steps_per_round", "batch_size", "unlabeled_ratio"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+            raise InputError(f"{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.class_cap <= 0:
-        raise ValueError(f"class-cap must be positive, got {config.class_cap}")
+        raise InputError(f"class-cap must be positive, got {config.class_cap}")
     if not 0.0 <= config.ema < 1.0:
-        raise ValueError(f"ema decay {config.ema} is outside [0, 1)")
+        raise InputError(f"ema decay {config.ema} is outside [0, 1)")
     if config.unlabeled < 0:
-        raise ValueError(f"unlabeled pool size must be 0 (all) or positive, got {config.unlabeled}")
+        raise InputError(f"unlabeled pool size must be 0 (all) or positive, got {config.unlabeled}")
     counts = np.bincount(dataset.y_train, minlength=dataset.num_classes)
     if not 1 <= config.labels_per_class <= counts.min():
-        raise ValueError(
+        raise InputError(
             f"label budget {config.labels_per_class} per class must lie in 1..{counts.min()}: "
             f"the smallest class of {dataset.name} has {counts.min()} training images"
         )
     if len(dataset.y_train) - config.labels_per_class * dataset.num_classes == 0:
-        raise ValueError(
+        raise InputError(
             f"the unlabeled pool is empty: {config.labels_per_class} labels per class use all "
             f"{len(dataset.y_train)} training images of {dataset.name}"
         )
     if config.init and not Path(config.init).is_file():
-        raise FileNotFoundError(f"--init model {config.init!r} does not exist")
+        raise MissingInputError(f"--init model {config.init!r} does not exist")
 
 
 def split_data(dataset: data.Dataset, config: Config) -> Split:
@@ -202,7 +202,7 @@ def split_data(dataset: data.Dataset, config: Config) -> Split:
     if 0 < config.unlabeled < len(rest):
         rest = np.sort(np.random.default_rng(config.seed + 1).choice(rest, config.unlabeled, replace=False))
     if len(rest) == 0:
-        raise ValueError("the unlabeled pool is empty")
+        raise InputError("the unlabeled pool is empty")
     return Split(
         dataset.x_train[labeled], dataset.y_train[labeled], dataset.x_train[rest], dataset.y_train[rest], labeled, rest
     )
@@ -341,7 +341,7 @@ def build_model(dataset: data.Dataset, config: Config, name: str = "teacher") ->
         try:
             report = models.copy_weights(source, model, exclude=("classifier",))
         except ValueError as error:
-            raise ValueError(
+            raise InputError(
                 f"--init model {config.init!r} does not fit --architecture {config.architecture} "
                 f"(width {config.width}): {error}. A weight_transfer model needs --architecture cnn."
             ) from error
@@ -721,8 +721,7 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
-    return run(config)
+    return run_cli(Config, run, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

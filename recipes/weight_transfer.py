@@ -42,7 +42,7 @@ import keras
 import numpy as np
 
 from common import data, evaluation, models
-from common.cli import RecipeConfig, knob, make_strategy, parse_config, set_seed
+from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 VARIANTS = ("scratch", "transfer", "frozen")
 
@@ -87,14 +87,14 @@ def label_budgets(config: Config) -> list[int]:
     try:
         return sorted({int(b) for b in config.budgets.split(",")})
     except ValueError:
-        raise ValueError(f"cannot read --budgets {config.budgets!r}; write e.g. '10,50,200'") from None
+        raise InputError(f"cannot read --budgets {config.budgets!r}; write e.g. '10,50,200'") from None
 
 
 def check_budgets(target: data.Dataset, budgets: list[int]) -> None:
     """Fail before any training if a budget asks for more images than a class has."""
     smallest = int(np.bincount(target.y_train).min())
     if max(budgets) > smallest or min(budgets) < 1:
-        raise ValueError(
+        raise InputError(
             f"label budgets {budgets} must lie in 1..{smallest}: the smallest target class has {smallest} images"
         )
 
@@ -221,8 +221,7 @@ def run(config: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_config(Config, argv, description=__doc__.split("\n\n")[0])
-    return run(config)
+    return run_cli(Config, run, argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tests never touch the user's cache of pretrained bases (~/.cache/transfer-recipes): quick-mode
+# bases are useless for real runs. One temporary cache for the whole session, inherited by the
+# subprocesses and notebook kernels the tests start.
+os.environ["RECIPES_CACHE_DIR"] = tempfile.mkdtemp(prefix="recipes-test-cache-")
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +56,16 @@ def execute_notebook(path: Path, timeout: int = 600) -> None:
             os.environ.pop("RECIPES_QUICK", None)
         else:
             os.environ["RECIPES_QUICK"] = env_before
+
+
+def assert_cli_error(capsys, main, argv: list[str], message: str) -> str:
+    """``main(argv)`` exits with status 2 and one ``error: ...`` line on stderr matching ``message``."""
+    import re
+
+    capsys.readouterr()  # drop what ran before
+    with pytest.raises(SystemExit) as exit_code:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_code.value.code == 2, err
+    assert err.startswith("error: ") and re.search(message, err), err
+    return err

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from common import bases, data, models
+from common.errors import InputError
 
 
 @pytest.fixture
@@ -120,7 +121,7 @@ def test_keras_path_that_is_not_a_model(tmp_path):
 
 def test_imagenet_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # no cached imagenet weights
-    with pytest.raises(RuntimeError, match="--weights none"):
+    with pytest.raises(InputError, match="--weights none"):
         bases.load_base("mobilenet_v2", weights="imagenet", image_size=96)
 
 

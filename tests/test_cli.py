@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common.cli import RecipeConfig, build_parser, knob, make_strategy, parse_config, set_seed
+from common.cli import (
+    DEBUG_ENV,
+    InputError,
+    RecipeConfig,
+    build_parser,
+    knob,
+    make_strategy,
+    parse_config,
+    run_cli,
+    set_seed,
+)
 
 
 @dataclass
@@ -71,3 +81,36 @@ def test_make_strategy():
     assert make_strategy("mirrored").num_replicas_in_sync >= 1
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy("nope")
+
+
+def test_quick_never_overrides_a_flag_the_user_gave():
+    """--quick changes only what the user left at its default, on the command line or in Config()."""
+    assert parse_config(DemoConfig, ["--quick", "--epochs", "9"]).resolved().epochs == 9
+    # Given explicitly, even at the default value, the flag wins over --quick.
+    assert parse_config(DemoConfig, ["--quick", "--epochs", "5"]).resolved().epochs == 5
+    assert parse_config(DemoConfig, ["--quick"]).resolved().epochs == 1
+    assert DemoConfig(quick=True, epochs=9).resolved().epochs == 9
+    assert parse_config(DemoConfig, ["--quick", "--epochs", "9"]).given == ("epochs", "quick")
+
+
+def _demo_run(config):
+    if config.dataset == "bug":
+        raise KeyError("a bug, not bad input")
+    raise InputError(f"unknown dataset {config.dataset!r}; choose one of fashion_mnist, digits")
+
+
+def test_run_cli_reports_bad_input_in_one_line_and_exits_2(capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_code:
+        run_cli(DemoConfig, _demo_run, ["--dataset", "no_such_data"])
+    assert exit_code.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown dataset 'no_such_data'; choose one of fashion_mnist, digits\n"
+    # --debug, or RECIPES_DEBUG=1, keeps the traceback; bugs always keep it.
+    with pytest.raises(InputError, match="no_such_data"):
+        run_cli(DemoConfig, _demo_run, ["--dataset", "no_such_data", "--debug"])
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(InputError, match="no_such_data"):
+        run_cli(DemoConfig, _demo_run, ["--dataset", "no_such_data"])
+    with pytest.raises(KeyError):
+        run_cli(DemoConfig, _demo_run, ["--dataset", "bug"])

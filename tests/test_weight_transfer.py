@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from recipes import weight_transfer
-from tests.conftest import ROOT, execute_notebook
+from tests.conftest import ROOT, assert_cli_error, execute_notebook
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -87,13 +87,12 @@ def test_help_documents_every_flag():
         (["--strategy", "tpu"], "unknown strategy 'tpu'"),
     ],
 )
-def test_bad_input_fails_before_training(tmp_path, flags, message, monkeypatch):
+def test_bad_input_fails_before_training(tmp_path, flags, message, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("training started before the input was checked")
 
     monkeypatch.setattr(weight_transfer, "train_source_model", no_training)
-    with pytest.raises(ValueError, match=message):
-        run_quick(tmp_path, *flags)
+    assert_cli_error(capsys, weight_transfer.main, ["--quick", "--out", str(tmp_path), *flags], message)
 
 
 def test_mirrored_strategy_on_two_cpu_devices(tmp_path):
