@@ -26,11 +26,24 @@ BACKBONES = {
 }
 
 
+def check_image_side(input_shape: tuple[int, ...], minimum: int, what: str) -> None:
+    """``InputError`` if images of ``input_shape`` (H, W, C) are smaller than ``minimum`` on a side."""
+    height, width = input_shape[:2]
+    if min(height, width) < minimum:
+        raise InputError(
+            f"{what} needs images of at least {minimum}x{minimum} pixels, got {height}x{width} "
+            "(--image-size resizes tfds: and folder: images)"
+        )
+
+
 def build_cnn(input_shape: tuple[int, int, int], num_classes: int, name: str = "cnn") -> keras.Model:
     """The seed recipe's CNN: Conv32-Pool-Conv64-Pool-Conv64, Dense64, logits.
 
     Layers are named, so two models from this builder line up for ``copy_weights``.
+    Raises ``InputError`` for images smaller than 18x18 (three valid 3x3 convolutions and
+    two poolings leave nothing).
     """
+    check_image_side(input_shape, 18, "the CNN (three 3x3 convolutions, two 2x2 poolings)")
     return keras.Sequential(
         [
             keras.Input(input_shape),
@@ -54,7 +67,9 @@ def build_bn_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int
     Three blocks of (Conv-BN-ReLU) x2 + max-pool, widths ``width``, 2x, 4x, then global
     average pooling, dropout and the classifier. The backbone is the sub-model named
     ``"base"`` (``model.get_layer("base")``), so it can be frozen or reused as a unit.
+    Raises ``InputError`` for images smaller than 8x8 (three 2x2 poolings).
     """
+    check_image_side(input_shape, 8, "the BatchNorm CNN (three 2x2 poolings)")
     inputs = keras.Input(input_shape)
     x = inputs
     for block, filters in enumerate((width, 2 * width, 4 * width), start=1):
@@ -111,6 +126,27 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | 
         except Exception as error:
             raise InputError(f"weights file {weights!r} does not fit backbone {name}: {error}") from error
     return base
+
+
+def load_saved_model(path: str, flag: str = "--base") -> keras.Model:
+    """A model saved with ``model.save`` (``.keras``, or a legacy ``.h5``), for the flag ``flag``.
+
+    Raises ``MissingInputError`` if ``path`` does not exist and ``InputError`` naming the flag
+    and the path if it is not a Keras model (a damaged or foreign file, custom layers that
+    are not importable, a ``Lambda`` layer that Keras' safe mode refuses).
+    """
+    if not Path(path).is_file():
+        raise MissingInputError(f"{flag} {path!r}: no such model file")
+    try:
+        loaded = keras.models.load_model(path, compile=False)
+    except Exception as error:  # zipfile, h5py, JSON and deserialisation errors all mean "cannot use this file"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InputError(
+            f"{flag} {path!r} is not a Keras model that loads here ({type(error).__name__}: {reason})"
+        ) from error
+    if not isinstance(loaded, keras.Model):
+        raise InputError(f"{flag} {path!r} holds a {type(loaded).__name__}, not a Keras model")
+    return loaded
 
 
 def backbone_preprocess(name: str):
