@@ -118,7 +118,8 @@ def test_mobilenet_v2_without_weights_at_a_small_size(tmp_path):
         (dict(schedule="top:x"), "unknown --schedule"),
         (dict(tuner="grid"), "unknown --tuner 'grid'"),
         (dict(base="not_a_backbone"), "unknown base"),
-        (dict(labels_per_class=6000), "exceeds the smallest target class"),
+        (dict(labels_per_class=6000), r"--labels-per-class 6000 \+ --val-per-class 10 needs 6010 images per class"),
+        (dict(dropout=1.5), r"--dropout 1.5: must be at most 1.0"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, overrides, message, monkeypatch):

@@ -82,7 +82,11 @@ def test_help_documents_every_flag():
         (["--source-classes", "0-5", "--target-classes", "5-9"], r"class 5 \(Sandal\) is in two class lists"),
         (["--target-classes", ""], "class list #2 is empty"),
         (["--target-classes", "8-12"], r"classes \[10, 11, 12\] are not in fashion_mnist"),
-        (["--labels-per-class", "7000"], r"label budgets \[7000\] must lie in 1..6000"),
+        (
+            ["--labels-per-class", "7000"],
+            r"--labels-per-class 7000 needs 7000 images per class, but class 0 \('Sandal'\) has only 6000",
+        ),
+        (["--source-images", "3"], "--source-images 3 gives 0 images per class"),
         (["--budgets", "10,lots"], "cannot read --budgets '10,lots'"),
         (["--strategy", "tpu"], "unknown strategy 'tpu'"),
     ],
