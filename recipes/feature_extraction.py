@@ -21,7 +21,8 @@ What the default run does (``python -m recipes.feature_extraction``):
    classes 0-4 (T-shirt, trouser, pullover, dress, coat), cached on disk
    (``$RECIPES_CACHE_DIR``, default ``~/.cache/transfer-recipes``) so later runs reuse it.
    ``--base mobilenet_v2 --weights imagenet`` (or ``none``, or a weights file), or a
-   ``.keras`` model path, swap in another base.
+   ``.keras`` model path, swap in another base; ``--base-layer NAME`` picks its feature output
+   (by default everything below its classification layer, printed).
 2. The target task: classes 5-9 (sandal, shirt, sneaker, bag, ankle boot), 10 labelled
    images per class, drawn with the seed.
 3. ``feature_extraction``: features of the 50 images are extracted once; the head

@@ -57,7 +57,9 @@ class Config(RecipeConfig):
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
     labels_per_class: int = knob(10, "Target training images per class (the label budget).", minimum=1)
     budgets: str = knob("", "Sweep several label budgets, e.g. '10,50,200' (overrides --labels-per-class).")
-    source_images: int = knob(0, "Source training images to use, drawn evenly per class (0: all).", minimum=0)
+    source_images: int = knob(
+        0, "Source training images to use, drawn evenly per class (0, or more than there are: all).", minimum=0
+    )
     source_epochs: int = knob(3, "Epochs on the source task.", minimum=1)
     source_batch_size: int = knob(64, "Batch size on the source task (global, across replicas).", minimum=1)
     epochs: int = knob(60, "Epochs of each target variant over its labeled images.", minimum=1)
@@ -95,7 +97,7 @@ def check_budgets(source: data.Dataset, target: data.Dataset, budgets: list[int]
     flag = f"--budgets {config.budgets}" if config.budgets else f"--labels-per-class {config.labels_per_class}"
     data.check_per_class(target.y_train, min(budgets), target.class_names, what=flag)
     data.check_per_class(target.y_train, max(budgets), target.class_names, what=flag)
-    if config.source_images:
+    if 0 < config.source_images < len(source.y_train):
         per_class = config.source_images // source.num_classes
         data.check_per_class(
             source.y_train, per_class, source.class_names, what=f"--source-images {config.source_images}"
@@ -118,9 +120,9 @@ def fresh_layer_names(config: Config, target: data.Dataset) -> tuple[str, ...]:
 
 
 def train_source_model(source: data.Dataset, config: Config, strategy) -> tuple[keras.Model, dict]:
-    """Train the CNN on the training images of the source classes (all, unless ``source_images``)."""
+    """Train the CNN on the training images of the source classes (all, unless ``source_images`` is fewer)."""
     x, y = source.x_train, source.y_train
-    if config.source_images:
+    if 0 < config.source_images < len(y):
         per_class = config.source_images // source.num_classes
         picked = data.sample_per_class(
             y, per_class, config.seed, source.class_names, f"--source-images {config.source_images}"

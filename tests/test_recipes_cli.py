@@ -77,8 +77,8 @@ BUDGET_ERRORS = {
         ),
         (["--budgets", "2,20"], r"--budgets 2,20 needs 20 images per class"),
         (
-            ["--labels-per-class", "2", "--source-images", "100"],
-            r"--source-images 100 needs 50 images per class, but class 0 \('a'\) has only 5",
+            ["--labels-per-class", "2", "--source-images", "20"],
+            r"--source-images 20 needs 10 images per class, but class 0 \('a'\) has only 5",
         ),
     ],
     "feature_extraction": [(["--labels-per-class", "10"], r"--labels-per-class 10 needs 10 images per class")],
@@ -100,7 +100,7 @@ CLASS_FLAGS = {"maml": ["--train-classes", "0,1", "--test-classes", "2,3"]}
 
 @pytest.mark.parametrize("name, flags, message", [(n, f, m) for n, cases in BUDGET_ERRORS.items() for f, m in cases])
 def test_a_label_budget_too_large_names_its_flag(name, flags, message, tmp_path, capsys):
-    root = image_folder(tmp_path / "images", {"a": 6, "b": 6, "c": 6, "d": 6})
+    root = image_folder(tmp_path / "images", {"a": 6, "b": 30, "c": 6, "d": 6})
     classes = CLASS_FLAGS.get(name, ["--source-classes", "0,1", "--target-classes", "2,3"])
     argv = ["--dataset", f"folder:{root}", "--image-size", "12", *classes, *flags, "--out", str(tmp_path / "run")]
     assert_cli_error(capsys, recipe_main(name), argv, message)
