@@ -316,6 +316,8 @@ def _load_folder(path: Path, image_size: int, seed: int) -> Dataset:
     ``train/`` + ``val/`` and no ``test/``: ``val/`` is the test split. Class folders only
     (or ``train/`` alone): 20% of each class is held out for testing, with ``seed``.
     """
+    if path.is_file():
+        raise InputError(f"image folder {str(path)!r} is a file; give a folder (unpack an archive first)")
     if not path.is_dir():
         raise MissingInputError(f"image folder {str(path)!r} does not exist")
     splits = _split_folders(path)
@@ -330,7 +332,7 @@ def _load_folder(path: Path, image_size: int, seed: int) -> Dataset:
         train, test = holdout_split(folder.labels, 0.2, seed, folder.class_names)
         x, y, names = _as_images(folder.images), folder.labels, folder.class_names
         x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
-        layout = f"{folder.path.name}/: 20% of each class held out for testing (seed {seed})"
+        layout = f"class folders of {folder.path.name}/, 20% of each class held out for testing (seed {seed})"
         read = [folder]
     else:
         read = [read_image_folder(folder, image_size) for folder in splits.values()]

@@ -418,6 +418,12 @@ def test_folder_without_class_folders_says_what_it_found(tmp_path):
         data.load_dataset(f"folder:{tmp_path / 'wrapped'}", image_size=8)
 
 
+def test_an_archive_is_not_a_folder(tmp_path):
+    (tmp_path / "photos.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(InputError, match="photos.zip' is a file; give a folder"):
+        data.load_dataset(f"folder:{tmp_path / 'photos.zip'}")
+
+
 def test_bad_image_size(tmp_path):
     make_image_folder(tmp_path, {"a": 2, "b": 2})
     with pytest.raises(InputError, match="--image-size -3"):
