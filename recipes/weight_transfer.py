@@ -104,12 +104,10 @@ def check_budgets(source: data.Dataset, target: data.Dataset, budgets: list[int]
         )
 
 
-def fresh_layer_names(config: Config, target: data.Dataset) -> tuple[str, ...]:
-    """The ``--fresh-layers`` names, each checked against the CNN's layers (a typo would copy everything)."""
+def fresh_layer_names(config: Config, model: keras.Model) -> tuple[str, ...]:
+    """The ``--fresh-layers`` names, each checked against ``model``'s layers (a typo would copy everything)."""
     fresh = tuple(name.strip() for name in config.fresh_layers.split(",") if name.strip())
-    weighted = [
-        layer.name for layer in models.build_cnn(target.input_shape, target.num_classes).layers if layer.weights
-    ]
+    weighted = [layer.name for layer in model.layers if layer.weights]
     unknown = [name for name in fresh if name not in weighted]
     if unknown:
         raise InputError(
@@ -146,9 +144,9 @@ def build_target_model(variant: str, source_model: keras.Model, target: data.Dat
     ``scratch``: random weights. ``transfer``: every layer but the fresh ones copied from
     the source, all trainable. ``frozen``: the same copy kept frozen; only the fresh top trains.
     """
-    fresh_layers = fresh_layer_names(config, target)
     with strategy.scope():
         model = models.build_cnn(target.input_shape, target.num_classes, name=variant)
+        fresh_layers = fresh_layer_names(config, model)
         learning_rate = config.learning_rate
         if variant in ("transfer", "frozen"):
             copied = models.copy_weights(source_model, model, exclude=fresh_layers)
@@ -196,7 +194,10 @@ def run(config: Config) -> dict:
     source, target = load_tasks(config)
     budgets = label_budgets(config)
     check_budgets(source, target, budgets, config)
-    fresh_layer_names(config, target)
+    # A throwaway CNN checks the image size and --fresh-layers before any training; it drew
+    # from the random state, so reseed: training starts from the seed's state all the same.
+    fresh_layer_names(config, models.build_cnn(target.input_shape, target.num_classes))
+    set_seed(config.seed)
     run_dir = evaluation.make_run_dir("weight_transfer", config.out)
     print(f"source task: {source}\ntarget task: {target}\nrun folder: {run_dir}")
 
