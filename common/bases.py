@@ -54,6 +54,7 @@ class SourceSettings:
     learning_rate: float = 1e-3
     max_images: int = 0  # 0: every training image of the source classes
     seed: int = 0
+    shuffle_labels: bool = False  # permute the labels across images: a source that learned nothing transferable
 
 
 @dataclass
@@ -248,6 +249,8 @@ def pretrain_source_cnn(source: data.Dataset, settings: SourceSettings, verbose:
     if settings.max_images and settings.max_images < len(x):
         keep = np.random.default_rng(settings.seed).choice(len(x), settings.max_images, replace=False)
         x, y = x[np.sort(keep)], y[np.sort(keep)]
+    if settings.shuffle_labels:
+        y = np.random.default_rng(settings.seed).permutation(y)
     model = models.build_bn_cnn(source.input_shape, source.num_classes, width=settings.width, name="source_cnn")
     models.compile_classifier(model, settings.learning_rate)
     start = time.perf_counter()
@@ -330,3 +333,55 @@ def weight_blocks(model: keras.Model) -> list[list[str]]:
             last = prefix
         blocks[-1].append(layer.name)
     return blocks
+
+
+# --- Candidates of the transferability scores (recipes.choose_source) -----------------------
+
+
+def untrained_source_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 16, cut: str = "block2",
+                         seed: int = 0) -> Base:  # fmt: skip
+    """``build_bn_cnn``'s base cut at ``cut``, with its random initial weights (seeded; no training).
+
+    Reseeds Keras, NumPy and Python's RNGs with ``seed`` (``keras.utils.set_random_seed``).
+    Its BatchNorm layers hold their initial statistics (mean 0, variance 1).
+    """
+    keras.utils.set_random_seed(seed)
+    model = models.build_bn_cnn(input_shape, num_classes, width=width, name="untrained_cnn")
+    info = {"kind": "untrained", "cut": cut, "seed": seed, "width": width}
+    return Base("untrained", spatial_base(model.get_layer("base"), cut), _identity, tuple(input_shape), info)
+
+
+def source_classifier(base: Base) -> keras.Model | None:
+    """The model ``base`` was cut from, up to its outputs over the source classes; None if there is none.
+
+    A ``source-cnn`` base: the cached pretrained CNN (logits over the source classes). A
+    ``.keras`` base cut below its top: the whole saved model, if it ends in one vector of at
+    least 2 outputs. Anything else has no source classifier: a keras.applications backbone
+    (built without its top), an untrained network, a ``.keras`` model used whole.
+    """
+    kind = base.info.get("kind")
+    if kind == "source-cnn":
+        return keras.models.load_model(base.info["path"], compile=False)
+    if kind == "keras-file" and base.info.get("uses") != "the whole model":
+        model = keras.models.load_model(base.spec, compile=False)
+        shape = model.output_shape
+        if isinstance(shape, tuple) and len(shape) == 2 and (shape[1] or 0) >= 2:
+            return model
+    return None
+
+
+def source_probabilities(classifier: keras.Model, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """(N, C_s) probabilities over the source classes from ``source_classifier``'s model.
+
+    ``inputs``: prepared images (``Base.prepare``). Outputs that are not already probabilities
+    (non-negative rows summing to 1) are logits and go through a softmax.
+    """
+    from scipy.special import softmax
+
+    outputs = np.concatenate([
+        np.asarray(classifier(inputs[start : start + batch_size], training=False), dtype=np.float64)
+        for start in range(0, len(inputs), batch_size)
+    ])  # fmt: skip
+    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
+        return outputs
+    return softmax(outputs, axis=1)
