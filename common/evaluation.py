@@ -282,3 +282,30 @@ def write_run(run_dir: Path, config, record: dict, histories: dict[str, dict] | 
         model.save(run_dir / "model.keras")
     write_json_atomic(run_dir / "metrics.json", record)
     return run_dir
+
+
+# --- Added for recipes.choose_source ----------------------------------------------------
+
+
+def text_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of strings as left-aligned columns, the first row the header, a dashed rule under it."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plot_labelled_scatter(points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str = "",
+                          reference: tuple[str, float] | None = None):  # fmt: skip
+    """One point per name at ``(x, y)``, labelled; ``reference`` = (label, y) draws a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in points.items():
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
