@@ -32,7 +32,7 @@ import numpy as np
 
 from common.errors import InputError
 
-# Score name -> what it needs: "features" (N, D) or "source_probs" (N, C_s).
+# Score name -> what it needs: "features" (N, D) or "source_probs" (N, C_s); and the paper it follows.
 SCORES = {"logme": "features", "leep": "source_probs", "nce": "source_probs", "hscore": "features"}
 PAPERS = {
     "logme": "You et al. 2021, LogME: Practical Assessment of Pre-trained Models for Transfer Learning",

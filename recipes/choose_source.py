@@ -347,17 +347,20 @@ def judge(candidates: list[Candidate], score_names: list[str], truth: str = "tes
     return verdicts
 
 
-def plot_scores(candidates: list[Candidate], score_names: list[str], scratch_accuracy: float) -> dict:
+def plot_scores(candidates: list[Candidate], score_names: list[str], scratch_accuracy: float,
+                verdicts: dict | None = None) -> dict:  # fmt: skip
     """One scatter plot per score: score against test accuracy (%), one labelled point per scored candidate."""
-    return {
-        f"scatter_{score}": evaluation.plot_labelled_scatter(
-            {c.name: (c.figures[score], 100 * c.figures["test_accuracy"]) for c in candidates
-             if math.isfinite(c.figures[score])},
-            f"{score} (higher: should transfer better)", "test accuracy (%)", f"{score} against the accuracy reached",
+    figures = {}
+    for score in score_names:
+        tau = (verdicts or {}).get(score, {}).get("weighted_tau")
+        points = {c.name: (c.figures[score], 100 * c.figures["test_accuracy"]) for c in candidates
+                  if math.isfinite(c.figures[score])}  # fmt: skip
+        figures[f"scatter_{score}"] = evaluation.plot_labelled_scatter(
+            points, f"{score} (higher: should transfer better)", "test accuracy (%)",
+            f"{score} against the accuracy reached" + (f" (weighted tau {tau:+.2f})" if tau is not None else ""),
             reference=("scratch", 100 * scratch_accuracy),
-        )
-        for score in score_names
-    }  # fmt: skip
+        )  # fmt: skip
+    return figures
 
 
 def score_table(candidates: list[Candidate], score_names: list[str], scratch_accuracy: float) -> str:
@@ -506,7 +509,7 @@ def run(config: Config) -> dict:
     pick = (verdicts[score_names[0]]["pick"] or candidates[0].name).split("=")[0]
     kept = next(c for c in candidates if c.name == pick)
     model = assemble(kept.base, kept.figures["head"], target.num_classes, config)
-    figures = plot_scores(candidates, score_names, scratch_accuracy)
+    figures = plot_scores(candidates, score_names, scratch_accuracy, verdicts)
     evaluation.write_run(run_dir, config, record, histories, figures, model=model)
 
     print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
