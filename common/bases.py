@@ -63,6 +63,7 @@ class SourceSettings:
     learning_rate: float = 1e-3
     max_images: int = 0  # 0: every training image of the source classes
     seed: int = 0
+    shuffle_labels: bool = False  # permute the labels across images: a source that learned nothing transferable
 
 
 @dataclass
@@ -70,7 +71,9 @@ class Base:
     """A feature extractor and how to feed it.
 
     ``model`` maps inputs of ``input_shape`` to features (a vector or a feature map);
-    ``preprocess`` maps images in [0, 1], already of ``input_shape``, to its inputs.
+    ``preprocess`` maps images in [0, 1], already of ``input_shape``, to its inputs;
+    ``source_model``, where there is one, is the whole model the base was cut from,
+    ending in its outputs over the source classes (LEEP and NCE need them).
     """
 
     spec: str
@@ -78,6 +81,7 @@ class Base:
     preprocess: Callable
     input_shape: tuple[int, int, int]
     info: dict = field(default_factory=dict)
+    source_model: keras.Model | None = None
 
     def prepare(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Images in [0, 1] of any size and 1 or 3 channels -> float32 inputs of the base."""
@@ -222,7 +226,9 @@ def keras_file_base(path: str, layer: str = "", image_size: int = 0) -> Base:
     hint = "" if layer else "; --base-layer NAME picks another layer"
     print(f"--base {path}: feature output {_output_name(model)!r}, shape {output[1:]}: {uses}{hint}")
     info = {"kind": "keras-file", "uses": uses, "feature_layer": _output_name(model)}
-    return Base(path, model, _identity, shape, info)
+    top = loaded.output_shape
+    classifies = model is not loaded and isinstance(top, tuple) and len(top) == 2 and (top[1] or 0) >= 2
+    return Base(path, model, _identity, shape, info, source_model=loaded if classifies else None)
 
 
 def classification_layer(model: keras.Model) -> layers.Layer | None:
@@ -325,7 +331,7 @@ def source_cnn_base(source: data.Dataset, settings: SourceSettings, cut: str = "
         print(f"source-cnn base: pretraining on {source} (cached as {path} if it beats chance)")
         model, info = pretrain_source_cnn(source, settings, verbose=verbose)
         info["cached"] = False  # True: reused from the cache
-        if info["beats_chance"]:
+        if info["beats_chance"] or settings.shuffle_labels:  # a shuffled-label source is at chance by design
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
             model.save(tmp)
@@ -339,7 +345,8 @@ def source_cnn_base(source: data.Dataset, settings: SourceSettings, cut: str = "
                 "More source images (--source-images 0), more --source-epochs or another --base help."
             )
     info = dict(info, kind="source-cnn", path=str(path), cut=cut)
-    return Base(SOURCE_CNN, spatial_base(model.get_layer("base"), cut), _identity, tuple(source.input_shape), info)
+    base_model = spatial_base(model.get_layer("base"), cut)
+    return Base(SOURCE_CNN, base_model, _identity, tuple(source.input_shape), info, source_model=model)
 
 
 def spatial_base(bn_cnn_base: keras.Model, cut: str = "block2") -> keras.Model:
@@ -377,6 +384,8 @@ def pretrain_source_cnn(source: data.Dataset, settings: SourceSettings, verbose:
         what = f"--source-images {settings.max_images}"
         keep = data.sample_per_class(y, per_class, settings.seed, source.class_names, what=what)
         x, y = x[keep], y[keep]
+    if settings.shuffle_labels:
+        y = np.random.default_rng(settings.seed).permutation(y)
     model = models.build_bn_cnn(source.input_shape, source.num_classes, width=settings.width, name="source_cnn")
     models.compile_classifier(model, settings.learning_rate)
     start = time.perf_counter()
@@ -503,3 +512,47 @@ def weight_blocks(model: keras.Model) -> list[list[str]]:
             last = prefix
         blocks[-1].append(layer.name)
     return blocks
+
+
+# --- Candidates of the transferability scores (recipes.choose_source) -----------------------
+
+
+def untrained_source_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 16, cut: str = "block2",
+                         seed: int = 0) -> Base:  # fmt: skip
+    """``build_bn_cnn``'s base cut at ``cut``, with its random initial weights (seeded; no training).
+
+    Reseeds Keras, NumPy and Python's RNGs with ``seed`` (``keras.utils.set_random_seed``).
+    Its BatchNorm layers hold their initial statistics (mean 0, variance 1).
+    """
+    keras.utils.set_random_seed(seed)
+    model = models.build_bn_cnn(input_shape, num_classes, width=width, name="untrained_cnn")
+    info = {"kind": "untrained", "cut": cut, "seed": seed, "width": width}
+    return Base("untrained", spatial_base(model.get_layer("base"), cut), _identity, tuple(input_shape), info)
+
+
+def source_classifier(base: Base) -> keras.Model | None:
+    """The model ``base`` was cut from, up to its outputs over the source classes; None if there is none.
+
+    A ``source-cnn`` base: the pretrained CNN (logits over the source classes). A ``.keras``
+    base cut below its top: the whole saved model, if it ends in one vector of at least 2
+    outputs. Anything else has no source classifier: a keras.applications backbone (built
+    without its top), an untrained network, a ``.keras`` model used whole.
+    """
+    return base.source_model
+
+
+def source_probabilities(classifier: keras.Model, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """(N, C_s) probabilities over the source classes from ``source_classifier``'s model.
+
+    ``inputs``: prepared images (``Base.prepare``). Outputs that are not already probabilities
+    (non-negative rows summing to 1) are logits and go through a softmax.
+    """
+    from scipy.special import softmax
+
+    outputs = np.concatenate([
+        np.asarray(classifier(inputs[start : start + batch_size], training=False), dtype=np.float64)
+        for start in range(0, len(inputs), batch_size)
+    ])  # fmt: skip
+    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
+        return outputs
+    return softmax(outputs, axis=1)

@@ -127,10 +127,17 @@ def comparison_table(record: dict) -> str:
 # --- Plots ------------------------------------------------------------------------
 
 
+def _in_jupyter_kernel() -> bool:
+    """Running inside a Jupyter (IPython) kernel; ``ipykernel`` merely imported (nbclient does) does not count."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def _pyplot():
     import matplotlib
 
-    if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
+    if not os.environ.get("MPLBACKEND") and not _in_jupyter_kernel():
         matplotlib.use("Agg")  # no screen needed when running from a terminal or CI
     import matplotlib.pyplot as plt
 
@@ -276,9 +283,37 @@ def write_run(run_dir: Path, config, record: dict, histories: dict[str, dict] | 
     write_history_csv(run_dir / "history.csv", histories or {})
     for stem, figure in (figures or {}).items():
         figure.savefig(run_dir / f"{stem}.png", dpi=110)
-        if "ipykernel" not in sys.modules:  # in Jupyter the figure stays open to be shown inline
+        if not _in_jupyter_kernel():  # in Jupyter the figure stays open to be shown inline
             _pyplot().close(figure)
     if model is not None:
         model.save(run_dir / "model.keras")
     write_json_atomic(run_dir / "metrics.json", record)
     return run_dir
+
+
+# --- Added for recipes.choose_source ----------------------------------------------------
+
+
+def text_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of strings as left-aligned columns, the first row the header, a dashed rule under it."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plot_labelled_scatter(points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str = "",
+                          reference: tuple[str, float] | None = None):  # fmt: skip
+    """One point per name at ``(x, y)``, labelled; ``reference`` = (label, y) draws a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in points.items():
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.ticklabel_format(axis="x", useOffset=False)  # nearly equal scores: their values, not an offset
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
