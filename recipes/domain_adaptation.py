@@ -452,12 +452,12 @@ def make_figures(variants: dict, feature_sets: dict, histories: dict, domains: D
             },
             method=config.projection,
             seed=config.seed,
-        ),  # fmt: skip
+        ),
         "per_class_accuracy": evaluation.plot_per_class_accuracy(
             {name: variants[name]["per_class_accuracy"] for name in VARIANTS},
             domains.class_names,
             title="target test accuracy per class",
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -533,9 +533,15 @@ def print_summary(record: dict) -> None:
               f"{100 * report['source_test_accuracy']:>14.1f}%")  # fmt: skip
     dann, adabn_ = variants["dann"], variants["adabn"]
     before, after = variants["source_only"]["proxy_a_distance"], dann["proxy_a_distance"]
-    verdict = "closes" if dann["gap_closed"] > 0 else "does not close any of"
-    print(f"\ndann {verdict} {100 * max(dann['gap_closed'], 0):.0f}% of the gap to the oracle "
-          f"({'beats' if dann['test_accuracy'] > adabn_['test_accuracy'] else 'does not beat'} adabn); "
+    gain = 100 * (dann["test_accuracy"] - variants["source_only"]["test_accuracy"])
+    if gain > 0:
+        verdict = (
+            f"dann gains {gain:.1f} points over source_only, {100 * dann['gap_closed']:.0f}% of the gap to the oracle"
+        )
+    else:
+        verdict = f"dann is {-gain:.1f} points BELOW source_only: adaptation hurt"
+    versus = "above" if dann["test_accuracy"] > adabn_["test_accuracy"] else "NOT above"
+    print(f"\n{verdict}; {versus} adabn ({100 * (dann['test_accuracy'] - adabn_['test_accuracy']):+.1f} points); "
           f"proxy A-distance {before:.2f} -> {after:.2f}.")  # fmt: skip
 
 
