@@ -751,6 +751,22 @@ def to_input_shape(images: np.ndarray, shape: tuple[int, int, int], batch_size: 
     return out
 
 
+def check_same_classes(source: Dataset, target: Dataset) -> None:
+    """``InputError`` unless two datasets name the same classes in the same order (e.g. two domains).
+
+    The message lists the class names found in only one of them, or both orders when the
+    names are the same.
+    """
+    if source.class_names == target.class_names:
+        return
+    only_source = sorted(set(source.class_names) - set(target.class_names))
+    only_target = sorted(set(target.class_names) - set(source.class_names))
+    detail = f"only in the source: {only_source}; only in the target: {only_target}"
+    if not only_source and not only_target:
+        detail = f"the same names in another order: {source.class_names} vs {target.class_names}"
+    raise InputError(f"source {source.name!r} and target {target.name!r} must have the same classes; {detail}")
+
+
 def make_pipeline(
     x: np.ndarray,
     y: np.ndarray | None = None,
@@ -781,3 +797,24 @@ def make_pipeline(
                 lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE
             )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def paired_pipeline(x: np.ndarray, y: np.ndarray, x_other: np.ndarray, batch_size: int, seed: int = 0):
+    """Endless full batches of ``((x, y), x_other)``: labelled images beside unlabelled ones.
+
+    Each side is shuffled on its own (seeds ``seed`` and ``seed + 1``) and repeats on its
+    own, so the two may differ in size; every batch holds ``batch_size`` of each: a pair
+    with an epoch's short last batch is skipped, and a side smaller than a batch repeats
+    within one. Used by DANN (source images with labels, target images without).
+    """
+    import tensorflow as tf
+
+    def endless(images, labels, side_seed: int):
+        if len(images) < batch_size:
+            ds = tf.data.Dataset.from_tensor_slices((images, labels) if labels is not None else images).cache()
+            return ds.shuffle(len(images), seed=side_seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
+        return make_pipeline(images, labels, batch_size, shuffle=True, seed=side_seed).repeat()
+
+    return tf.data.Dataset.zip(endless(x, y, seed), endless(x_other, None, seed + 1)).filter(
+        lambda a, b: tf.logical_and(tf.shape(a[0])[0] == batch_size, tf.shape(b)[0] == batch_size)
+    )

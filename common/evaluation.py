@@ -322,6 +322,14 @@ def plot_labelled_scatter(points: dict[str, tuple[float, float]], xlabel: str, y
 # --- Domain adaptation: how far apart two domains are in a feature space -----------
 
 
+def gap_closed(accuracy: float, baseline: float, ceiling: float) -> float:
+    """Share of the baseline-to-ceiling gap an accuracy closes: 0 = the baseline, 1 = the ceiling (nan if equal).
+
+    E.g. domain adaptation: baseline = source only, ceiling = trained on target labels.
+    """
+    return (accuracy - baseline) / (ceiling - baseline) if ceiling != baseline else float("nan")
+
+
 def proxy_a_distance(source_features: np.ndarray, target_features: np.ndarray, seed: int = 0,
                      max_per_domain: int = 2000) -> dict:  # fmt: skip
     """Proxy A-distance ``2 (1 - 2 err)`` between two sets of features (Ben-David et al. 2007).

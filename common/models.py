@@ -13,6 +13,7 @@ import keras
 from keras import layers
 
 from common.errors import InputError, MissingInputError
+from common.evaluation import EpochTimer
 
 # keras.applications backbones: constructor, its own preprocess_input, and the smallest
 # input side it accepts (Keras checks this when weights are loaded; smaller inputs
@@ -168,6 +169,19 @@ def compile_classifier(model: keras.Model, learning_rate: float = 1e-3, steps_pe
         steps_per_execution=steps_per_execution,
     )
     return model
+
+
+def fit_steps(model: keras.Model, pipeline, steps: int, chunks: int = 10) -> dict:
+    """Train ``steps`` steps on a pipeline that repeats, logged as ``chunks`` "epochs" of steps // chunks.
+
+    ``model`` is compiled; ``pipeline`` a ``tf.data.Dataset`` (repeated here). Returns
+    ``history.history`` with ``epoch_seconds`` (``evaluation.EpochTimer``). For training
+    budgets counted in steps rather than passes over the data.
+    """
+    chunks = max(1, min(chunks, steps))
+    history = model.fit(pipeline.repeat(), epochs=chunks, steps_per_epoch=steps // chunks, verbose=0,
+                        callbacks=[EpochTimer()])  # fmt: skip
+    return history.history
 
 
 # --- Weight copy ------------------------------------------------------------------

@@ -443,3 +443,29 @@ def test_damaged_fashion_mnist_file_is_named(tiny_fashion_dir, monkeypatch):
     labels.write_bytes(b"<html>proxy error</html>")
     with pytest.raises(InputError, match=f"{labels} is not a readable gzip file"):
         data.load_dataset("fashion_mnist")
+
+
+def test_check_same_classes_names_what_differs():
+    def dataset(name, classes):
+        x = np.zeros((len(classes), 4, 4, 1), np.float32)
+        y = np.arange(len(classes))
+        return data.Dataset(name, x, y, x, y, classes)
+
+    data.check_same_classes(dataset("a", ["cat", "dog"]), dataset("b", ["cat", "dog"]))
+    with pytest.raises(InputError, match=r"only in the source: \['dog'\]; only in the target: \['fox'\]"):
+        data.check_same_classes(dataset("a", ["cat", "dog"]), dataset("b", ["cat", "fox"]))
+    with pytest.raises(InputError, match="the same names in another order"):
+        data.check_same_classes(dataset("a", ["cat", "dog"]), dataset("b", ["dog", "cat"]))
+
+
+@pytest.mark.parametrize("n_other", [3, 50])  # smaller than a batch, and several batches
+def test_paired_pipeline_gives_full_batches_of_both_sides(n_other):
+    x, y = np.arange(20, dtype=np.float32).reshape(20, 1), np.arange(20)
+    x_other = 100 + np.arange(n_other, dtype=np.float32).reshape(n_other, 1)
+    batches = list(data.paired_pipeline(x, y, x_other, batch_size=8, seed=0).take(12).as_numpy_iterator())
+    assert len(batches) == 12
+    for (images, labels), other in batches:
+        assert images.shape == (8, 1) and other.shape == (8, 1)
+        np.testing.assert_array_equal(images[:, 0], labels)  # labels stay with their images
+        assert other.min() >= 100
+    assert len({int(v) for (_, labels), _ in batches for v in labels}) == 20  # every labelled image comes round

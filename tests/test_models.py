@@ -153,3 +153,14 @@ def test_batchnorm_uses_batch_statistics_only_when_trainable():
     before = batchnorm.moving_mean.numpy().copy()
     np.testing.assert_allclose(model(images, training=True), model(images, training=False), atol=1e-5)
     np.testing.assert_array_equal(batchnorm.moving_mean.numpy(), before)
+
+
+def test_fit_steps_runs_the_number_of_steps_in_chunks():
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pipeline = tf.data.Dataset.from_tensor_slices((np.zeros((5, 2), np.float32), np.zeros(5, np.int64))).batch(2)
+    history = models.fit_steps(model, pipeline, steps=12, chunks=4)
+    assert len(history["loss"]) == 4 and len(history["epoch_seconds"]) == 4
+    assert int(model.optimizer.iterations.numpy()) == 12
