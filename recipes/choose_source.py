@@ -28,12 +28,12 @@ What the default run does (``python -m recipes.choose_source``):
    time to score every candidate against the time to train their heads.
 
 Measured over seeds 0-2 (``--seed S``, two CPU cores shared with other jobs): scratch
-88.5-90.9%; the real source cut at block 2 is the best candidate on every seed (+1.6 points
-on average) and LogME picks it every time, weighted tau 0.48-0.93 (mean 0.70; H-score 0.44,
-LEEP 0.10, NCE 0.06: LEEP and NCE prefer the digits source). The shuffled-label source ends
-7-12 points below scratch, ranked last by LogME, LEEP and H-score. Scoring all six takes
-about 0.5 s, 2-3% of training their heads. 89-113 s with the bases cached, 7 minutes from an
-empty cache (``docs/choose_source_experiments.md`` has every number and command).
+88.5-90.9%; the real source cut at block 2 is the best candidate on every seed (+1.7 points
+on average) and LogME picks it every time, weighted tau 0.59-0.69 (mean 0.62; H-score 0.46,
+LEEP and NCE 0.10: they prefer the digits source). The shuffled-label source ends 10-14
+points below scratch, ranked last by all four scores. Scoring all six takes 0.5-0.8 s, 2-3%
+of training their heads. 86-96 s with the bases cached, 6-7 minutes from an empty cache
+(``docs/choose_source_experiments.md`` has every number and command).
 """
 
 from __future__ import annotations
