@@ -32,6 +32,7 @@ import atexit
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,14 @@ TF_CONFIG_EXAMPLE = (
 )
 
 _multi_worker_strategy = None  # one per process: TF enables collective ops once
+
+# Run as ``python -c _WATCHDOG PID SECONDS MESSAGE``: unless killed first, print MESSAGE and kill PID.
+_WATCHDOG = """
+import os, signal, sys, time
+time.sleep(float(sys.argv[2]))
+print(sys.argv[3], file=sys.stderr, flush=True)
+os.kill(int(sys.argv[1]), signal.SIGKILL)
+"""
 
 
 # --- The cluster ------------------------------------------------------------------
@@ -103,9 +112,9 @@ def multi_worker_strategy(timeout: float | None = None):
     """``MultiWorkerMirroredStrategy`` for the cluster in ``TF_CONFIG``; created once per process.
 
     ``timeout`` (seconds; default ``$RECIPES_WORKER_TIMEOUT`` or 300) bounds the wait for
-    every worker to join: past it, ``InputError`` names the workers and ``TF_CONFIG``
-    instead of hanging. Once running, TensorFlow's health check aborts the collectives
-    within about a minute of a worker dying (``UnavailableError``).
+    every worker to join: past it a watchdog prints one ``error: ...`` line naming the
+    workers and ``TF_CONFIG`` and kills the process (SIGKILL: TensorFlow's wait cannot be
+    interrupted from Python) instead of letting it hang.
     """
     global _multi_worker_strategy
     if _multi_worker_strategy is not None:
@@ -113,22 +122,26 @@ def multi_worker_strategy(timeout: float | None = None):
     config = read_tf_config()
     if timeout is None:
         timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
-    import tensorflow as tf
-    from tensorflow.python.distribute import collective_all_reduce_strategy as car
+    # MultiWorkerMirroredStrategy joins the workers through TensorFlow's coordination service,
+    # which waits in C++ for every worker to register, holding the GIL (no Python thread or
+    # signal handler runs) and deaf to SIGTERM. A watchdog process bounds that wait: past
+    # ``timeout`` it prints the error and kills this process.
+    import subprocess
 
-    # The first health check is a barrier all-reduce; TF's own knob for its timeout (0 = forever).
-    car.CollectiveAllReduceExtended._check_health_initial_timeout = max(1, int(timeout))
+    import tensorflow as tf
+
+    addresses = [a for job in config["cluster"].values() for a in job]
+    message = (
+        f"error: not every worker of {TF_CONFIG} joined within {timeout:.0f} s (workers {', '.join(addresses)}; "
+        f"this is {config['task']['type']} {config['task']['index']}): start the same command on every host, "
+        f"check the addresses and ports, or raise ${TIMEOUT_ENV}"
+    )
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), message])
     try:
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    except RuntimeError as error:
-        if "Timeout waiting for the cluster" not in str(error):
-            raise
-        addresses = [a for job in config["cluster"].values() for a in job]
-        raise InputError(
-            f"not every worker of {TF_CONFIG} joined within {timeout:.0f} s (workers {', '.join(addresses)}; this "
-            f"is {config['task']['type']} {config['task']['index']}): start the same command on every host, check "
-            f"the addresses and ports, or raise ${TIMEOUT_ENV}"
-        ) from None
+    finally:
+        watchdog.kill()
+        watchdog.wait()
     _multi_worker_strategy = strategy
     return strategy
 
