@@ -75,9 +75,9 @@ class RecipeConfig:
         recipe = type(self).__module__.rpartition(".")[2]
         if self.strategy == "multi_worker" and not self.MULTI_WORKER:
             raise InputError(
-                f"{recipe} does not support --strategy multi_worker yet (its training loop has not been moved to "
-                "common.distributed.train, and Keras 3's fit fails under MultiWorkerMirroredStrategy, "
-                "keras-team/keras#20585); use --strategy default or mirrored"
+                f"{recipe} does not support --strategy multi_worker yet: its training does not run through "
+                "common.distributed.train, the one path that works under MultiWorkerMirroredStrategy (Keras 3's "
+                "fit fails there, keras-team/keras#20585); use --strategy default or mirrored"
             )
         if self.backup_dir and not self.BACKUP:
             raise InputError(f"{recipe} does not support --backup-dir yet; run it without the flag")

@@ -45,9 +45,10 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
-from common import bases, data, evaluation, models
+from common import bases, data, distributed, evaluation, models
 from common.cli import RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 
@@ -79,6 +80,8 @@ class Config(RecipeConfig):
     test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).", minimum=0)
 
     QUICK = dict(source_epochs=1, source_images=2000, epochs=3, test_images=500)
+    MULTI_WORKER = True  # head and baseline through common.distributed.train; the frozen base is per worker
+    BACKUP = True
 
 
 # --- Steps ------------------------------------------------------------------------
@@ -137,7 +140,7 @@ def build_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Mode
 
 
 def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                           strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                           strategy, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The fast path: the head alone, on cached features."""
     with strategy.scope():
         # A head step takes microseconds: run 64 per compiled call, not one (same updates).
@@ -146,7 +149,7 @@ def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int
         )
     start = time.perf_counter()
     train = data.make_pipeline(features, y, config.batch_size, shuffle=True, seed=config.seed)
-    history = head.fit(train, epochs=config.epochs, verbose=0).history
+    history = distributed.train(head, train, config.epochs, strategy, backup_dir=backup_dir, verbose=0)
     return head, history, time.perf_counter() - start
 
 
@@ -172,7 +175,7 @@ def augmenter(seed: int) -> keras.Sequential:
 
 
 def train_head_on_images(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                         strategy, augment: bool) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                         strategy, augment: bool, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The image path: every step runs the (optionally augmented) images through the frozen base."""
     with strategy.scope():
         model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
@@ -182,18 +185,18 @@ def train_head_on_images(base: bases.Base, x: np.ndarray, y: np.ndarray, num_cla
         base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed,
         augment=augmenter(config.seed) if augment else None,
     )  # fmt: skip
-    history = model.fit(train, epochs=config.epochs, verbose=0).history
+    history = distributed.train(model, train, config.epochs, strategy, backup_dir=backup_dir, verbose=0)
     return model, history, time.perf_counter() - start
 
 
 def train_scratch(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                  strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                  strategy, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The baseline: the base's architecture, random weights, trained end to end on the same images."""
     with strategy.scope():
         model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), config.learning_rate)
     start = time.perf_counter()
     train = data.make_pipeline(base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed)
-    history = model.fit(train, epochs=config.epochs, verbose=0).history
+    history = distributed.train(model, train, config.epochs, strategy, backup_dir=backup_dir, verbose=0)
     return model, history, time.perf_counter() - start
 
 
@@ -216,19 +219,24 @@ def run(config: Config) -> dict:
     x, y, x_test, y_test = pick_budget(target, config)
     print(f"source task: {source}\ntarget task: {target}")
 
-    with strategy.scope():
+    # Under multi_worker every worker pretrains (or loads) the same base with plain fit, seed 0,
+    # outside the strategy: the base is frozen, only the head and the baseline train distributed.
+    with (strategy if distributed.uses_fit(strategy) else tf.distribute.get_strategy()).scope():
         base = load_pretrained_base(config, source)
+    backup = distributed.Backup(config.backup_dir)
     run_dir = evaluation.make_run_dir("feature_extraction", config.out)  # after every input error
     print(f"base: {base}\nrun folder: {run_dir}")
     n = target.num_classes
 
     if config.augment:
         extract_seconds = 0.0
-        model, history, train_seconds = train_head_on_images(base, x, y, n, config, strategy, augment=True)
+        model, history, train_seconds = train_head_on_images(
+            base, x, y, n, config, strategy, augment=True, backup_dir=backup.phase("head")
+        )
         path = "augmented images through the frozen base"
     else:
         features, extract_seconds = extract_features(base, x)
-        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy)
+        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy, backup.phase("head"))
         model = assemble(base, head, n, config, strategy)
         path = "cached features"
     report = evaluate(model, base, x_test, y_test, n)
@@ -237,7 +245,7 @@ def run(config: Config) -> dict:
           f"extraction {extract_seconds:.1f} s, head training {train_seconds:.1f} s")  # fmt: skip
 
     set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
-    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy)
+    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy, backup.phase("scratch"))
     scratch_report = evaluate(scratch, base, x_test, y_test, n) | {"train_seconds": round(scratch_seconds, 2)}
     print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}, training {scratch_seconds:.1f} s")
 
@@ -265,6 +273,7 @@ def run(config: Config) -> dict:
         ),
     }
     evaluation.write_run(run_dir, config, record, histories, figures, model=model)
+    backup.finish()
 
     print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
     print(evaluation.comparison_table(record))

@@ -39,7 +39,7 @@ TOLERANCE = 0.01  # two workers vs one process, same seed and global batch: meas
 # "distributed step" = every phase through common.distributed.train; "refused" = an InputError.
 PATHS = {
     weight_transfer: "distributed step",
-    feature_extraction: "refused",
+    feature_extraction: "distributed step",  # the frozen base is pretrained (or loaded) by each worker
     fine_tune: "refused",
     maml: "refused",
     self_training: "refused",  # being rewritten on another branch; moves over after the merge
@@ -70,16 +70,31 @@ def test_each_recipe_states_its_multi_worker_path(recipe):
         assert recipe.Config.MULTI_WORKER and config.resolved().strategy == "multi_worker"
 
 
-def test_under_multi_worker_weight_transfer_never_calls_fit(monkeypatch, tmp_path):
-    """The path switch is ``distributed.uses_fit``: flip it, forbid fit, and the whole recipe still trains."""
+def forbid_fit(monkeypatch, allowed: tuple[str, ...] = ()):
+    """Flip the path switch ``distributed.uses_fit`` as multi_worker does; fit then fails unless ``allowed``."""
+    fit = keras.Model.fit
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("model.fit called on the multi-worker path")
+    def guarded(model, *args, **kwargs):
+        if model.name not in allowed:
+            raise AssertionError(f"model.fit called on the multi-worker path by {model.name}")
+        return fit(model, *args, **kwargs)
 
     monkeypatch.setattr(distributed, "uses_fit", lambda strategy: False)
-    monkeypatch.setattr(keras.Model, "fit", forbidden)
+    monkeypatch.setattr(keras.Model, "fit", guarded)
+
+
+def test_under_multi_worker_weight_transfer_never_calls_fit(monkeypatch, tmp_path):
+    forbid_fit(monkeypatch)
     record = weight_transfer.main(["--quick", "--epochs", "1", "--source-images", "300", "--out", str(tmp_path)])
     assert record["source_test_accuracy"] > 0.4
+
+
+@pytest.mark.parametrize("augment", [False, True], ids=["features", "images"])
+def test_under_multi_worker_feature_extraction_trains_head_and_baseline_without_fit(monkeypatch, tmp_path, augment):
+    forbid_fit(monkeypatch, allowed=("source_cnn",))  # each worker's own, undistributed base pretraining
+    argv = ["--quick", "--epochs", "1", "--test-images", "200", "--out", str(tmp_path)]
+    record = feature_extraction.main(argv + (["--augment"] if augment else []))
+    assert set(record["variants"]) == {"scratch", "feature_extraction"}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +116,11 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, one_p
         log_dir=str(tmp_path),
         env=env(),
     )
-    codes = [worker.wait(timeout=240) for worker in workers]
+    try:
+        codes = [worker.wait(timeout=240) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
     logs = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
     assert codes == [0, 0], logs
     worker_dir = logs[1].split("run folder: ")[1].split("\n")[0]
