@@ -242,7 +242,15 @@ def plot_labelled_scatter(points: dict[str, tuple[float, float]], xlabel: str, y
 
 
 def make_run_dir(recipe: str, out: str = "") -> Path:
-    """``out`` if given, else ``runs/<recipe>/<YYYYmmdd-HHMMSS>`` (made unique)."""
+    """``out`` if given, else ``runs/<recipe>/<YYYYmmdd-HHMMSS>`` (made unique).
+
+    In a multi-worker run only the chief gets that folder; another worker gets a temporary
+    folder removed at exit (TensorFlow's convention: non-chief workers write nowhere else).
+    """
+    from common import distributed
+
+    if not distributed.is_chief():
+        return distributed.worker_temp_dir(recipe)
     path = Path(out) if out else Path("runs") / recipe / time.strftime("%Y%m%d-%H%M%S")
     if not out:
         base, n = path, 1

@@ -192,15 +192,23 @@ def fit_steps(model: keras.Model, pipeline, steps: int, chunks: int = 10) -> dic
 
 
 def fit_timed(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, seed: int,
-              augment=None) -> tuple[dict, float]:  # fmt: skip
-    """``model.fit`` on (x, y) through a shuffling ``data.make_pipeline`` (reseeded each epoch by ``seed``).
+              augment=None, strategy=None, backup_dir=None) -> tuple[dict, float]:  # fmt: skip
+    """Train on (x, y) through a shuffling ``data.make_pipeline`` (reseeded each epoch by ``seed``).
 
-    ``augment``: a callable on a batch of images (``make_pipeline``). Returns the Keras
-    history dict and the wall seconds of ``fit``. ``model`` must be compiled.
+    ``augment``: a callable on a batch of images (``make_pipeline``). Training goes through
+    ``distributed.train``: ``model.fit`` except under ``--strategy multi_worker`` (the shared
+    distributed step); ``backup_dir`` (``distributed.Backup.phase``) makes it resumable.
+    Returns the history dict (with ``epoch_seconds``) and the wall seconds of training.
+    ``model`` must be compiled (under ``strategy.scope()`` if a strategy is given).
     """
+    import tensorflow as tf
+
+    from common import distributed
+
     start = time.perf_counter()
     train = data.make_pipeline(x, y, batch_size, shuffle=True, augment=augment, seed=seed)
-    history = model.fit(train, epochs=epochs, verbose=0).history
+    history = distributed.train(model, train, epochs, strategy or tf.distribute.get_strategy(), backup_dir=backup_dir,
+                                verbose=0)  # fmt: skip
     return history, time.perf_counter() - start
 
 
@@ -213,20 +221,22 @@ def feature_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Mo
 
 
 def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, dropout: float, learning_rate: float,
-                           epochs: int, batch_size: int, seed: int, strategy=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                           epochs: int, batch_size: int, seed: int, strategy=None,
+                           backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """A new ``feature_head`` trained alone on cached features: the fast path of a frozen base.
 
     ``features`` (N, D), ``y`` (N,) integer labels. A frozen base without augmentation maps
     an image to the same features at every epoch, so they are computed once (Keras guide
     "Transfer learning & fine-tuning"). The head is built under ``strategy.scope()`` if a
     strategy is given; its initial weights follow the global RNG state (seed first for a
-    reproducible head). Returns the head, its history and the training seconds.
+    reproducible head). ``backup_dir``: resumable (``fit_timed``). Returns the head, its
+    history and the training seconds.
     """
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         # A head step takes microseconds: run 64 per compiled call, not one (same updates).
         head = compile_classifier(feature_head(features.shape[1], num_classes, dropout), learning_rate,
                                   steps_per_execution=64)  # fmt: skip
-    history, seconds = fit_timed(head, features, y, epochs, batch_size, seed)
+    history, seconds = fit_timed(head, features, y, epochs, batch_size, seed, strategy=strategy, backup_dir=backup_dir)
     return head, history, seconds
 
 

@@ -45,9 +45,10 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
-from common import bases, data, evaluation, models
+from common import bases, data, distributed, evaluation, models
 from common.cli import RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 
@@ -79,6 +80,8 @@ class Config(RecipeConfig):
     test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).", minimum=0)
 
     QUICK = dict(source_epochs=1, source_images=2000, epochs=3, test_images=500)
+    MULTI_WORKER = True  # head and baseline through common.distributed.train; the frozen base is per worker
+    BACKUP = True
 
 
 # --- Steps ------------------------------------------------------------------------
@@ -115,10 +118,10 @@ def extract_features(base: bases.Base, images: np.ndarray, batch_size: int = 256
 
 
 def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                           strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                           strategy, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The fast path: the head (dropout, Dense logits) alone, on cached features; head, history, seconds."""
     return models.train_head_on_features(features, y, num_classes, config.dropout, config.learning_rate, config.epochs,
-                                         config.batch_size, config.seed, strategy)  # fmt: skip
+                                         config.batch_size, config.seed, strategy, backup_dir)  # fmt: skip
 
 
 def assemble(base: bases.Base, head: keras.Model, num_classes: int, config: Config, strategy) -> keras.Model:
@@ -141,22 +144,24 @@ def augmenter(seed: int) -> keras.Sequential:
 
 
 def train_head_on_images(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                         strategy, augment: bool) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                         strategy, augment: bool, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The image path: every step runs the (optionally augmented) images through the frozen base."""
     with strategy.scope():
         model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
         models.compile_classifier(model, config.learning_rate)  # compile after freezing
     history, seconds = models.fit_timed(model, base.prepare(x), y, config.epochs, config.batch_size, config.seed,
-                                        augment=augmenter(config.seed) if augment else None)  # fmt: skip
+                                        augment=augmenter(config.seed) if augment else None, strategy=strategy,
+                                        backup_dir=backup_dir)  # fmt: skip
     return model, history, seconds
 
 
 def train_scratch(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                  strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                  strategy, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The baseline: the base's architecture, random weights, trained end to end on the same images."""
     with strategy.scope():
         model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), config.learning_rate)
-    history, seconds = models.fit_timed(model, base.prepare(x), y, config.epochs, config.batch_size, config.seed)
+    history, seconds = models.fit_timed(model, base.prepare(x), y, config.epochs, config.batch_size, config.seed,
+                                        strategy=strategy, backup_dir=backup_dir)  # fmt: skip
     return model, history, seconds
 
 
@@ -179,19 +184,24 @@ def run(config: Config) -> dict:
     x, y, x_test, y_test = pick_budget(target, config)
     print(f"source task: {source}\ntarget task: {target}")
 
-    with strategy.scope():
+    # Under multi_worker every worker pretrains (or loads) the same base with plain fit, seed 0,
+    # outside the strategy: the base is frozen, only the head and the baseline train distributed.
+    with (strategy if distributed.uses_fit(strategy) else tf.distribute.get_strategy()).scope():
         base = load_pretrained_base(config, source)
+    backup = distributed.Backup(config.backup_dir)
     run_dir = evaluation.make_run_dir("feature_extraction", config.out)  # after every input error
     print(f"base: {base}\nrun folder: {run_dir}")
     n = target.num_classes
 
     if config.augment:
         extract_seconds = 0.0
-        model, history, train_seconds = train_head_on_images(base, x, y, n, config, strategy, augment=True)
+        model, history, train_seconds = train_head_on_images(
+            base, x, y, n, config, strategy, augment=True, backup_dir=backup.phase("head")
+        )
         path = "augmented images through the frozen base"
     else:
         features, extract_seconds = extract_features(base, x)
-        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy)
+        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy, backup.phase("head"))
         model = assemble(base, head, n, config, strategy)
         path = "cached features"
     report = evaluate(model, base, x_test, y_test, n)
@@ -200,7 +210,7 @@ def run(config: Config) -> dict:
           f"extraction {extract_seconds:.1f} s, head training {train_seconds:.1f} s")  # fmt: skip
 
     set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
-    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy)
+    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy, backup.phase("scratch"))
     scratch_report = evaluate(scratch, base, x_test, y_test, n) | {"train_seconds": round(scratch_seconds, 2)}
     print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}, training {scratch_seconds:.1f} s")
 
@@ -228,6 +238,7 @@ def run(config: Config) -> dict:
         ),
     }
     evaluation.write_run(run_dir, config, record, histories, figures, model=model)
+    backup.finish()
 
     print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
     print(evaluation.comparison_table(record))
