@@ -124,6 +124,7 @@ def against_jax(rounds: int = ROUNDS, steps_per_call: int = 200) -> list[dict] |
         order = [
             ("tf", tf_worker),
             ("jax", jax_worker),
+            ("tf_1_thread", tf_worker + ["--threads", "1"]),
             ("jax_loop", jax_worker + ["--steps-per-call", str(steps_per_call)]),
         ]
         if r % 2:
@@ -133,18 +134,26 @@ def against_jax(rounds: int = ROUNDS, steps_per_call: int = 200) -> list[dict] |
         print(
             f"  round {r + 1}: recipe {row['tf']['iterations_per_second']:.0f} it/s (load {row['tf']['load']:.1f}), "
             f"JAX {row['jax']['iterations_per_second']:.0f} (load {row['jax']['load']:.1f}), "
-            f"JAX fori_loop {row['jax_loop']['iterations_per_second']:.0f}; "
-            f"ratio {row['tf']['iterations_per_second'] / row['jax']['iterations_per_second']:.2f}",
+            f"JAX fori_loop {row['jax_loop']['iterations_per_second']:.0f}, "
+            f"recipe with one thread {row['tf_1_thread']['iterations_per_second']:.0f} "
+            f"(load {row['tf_1_thread']['load']:.1f}); "
+            f"ratio {row['tf']['iterations_per_second'] / row['jax']['iterations_per_second']:.2f} "
+            f"(one thread {row['tf_1_thread']['iterations_per_second'] / row['jax']['iterations_per_second']:.2f})",
             flush=True,
         )
     ratios = [row["tf"]["iterations_per_second"] / row["jax"]["iterations_per_second"] for row in results]
     loop_ratios = [row["tf"]["iterations_per_second"] / row["jax_loop"]["iterations_per_second"] for row in results]
+    one_thread = [row["tf_1_thread"]["iterations_per_second"] / row["jax"]["iterations_per_second"] for row in results]
     median = statistics.median(ratios)
     verdict = "meets" if median >= TARGET else "BELOW"
     print(
         f"MAML sinusoid meta-training, recipe / JAX: median {median:.2f}x (rounds {min(ratios):.2f}-{max(ratios):.2f}), "
         f"{verdict} the {TARGET}x target; against JAX with the same {steps_per_call} iterations per call "
         f"(lax.fori_loop): {statistics.median(loop_ratios):.2f}x ({min(loop_ratios):.2f}-{max(loop_ratios):.2f})"
+    )
+    print(
+        f"with TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 (one thread): median "
+        f"{statistics.median(one_thread):.2f}x ({min(one_thread):.2f}-{max(one_thread):.2f})"
     )
     last = results[-1]
     print(

@@ -31,7 +31,11 @@ def main() -> None:
     parser.add_argument("--steps-per-call", type=int, default=200)
     parser.add_argument("--jit-compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow intra- and inter-op threads (0: default)")
     args = parser.parse_args()
+    if args.threads:  # as TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS do for a whole run
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     config = maml.Config(seed=args.seed)
     keras.utils.set_random_seed(args.seed)
     learner = maml.MetaLearner(
