@@ -152,7 +152,7 @@ def against_jax(rounds: int = ROUNDS, steps_per_call: int = 200) -> list[dict] |
         f"(lax.fori_loop): {statistics.median(loop_ratios):.2f}x ({min(loop_ratios):.2f}-{max(loop_ratios):.2f})"
     )
     print(
-        f"with TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 (one thread): median "
+        f"with one intra-op and one inter-op thread (tf.config.threading, --threads 1): median "
         f"{statistics.median(one_thread):.2f}x ({min(one_thread):.2f}-{max(one_thread):.2f})"
     )
     last = results[-1]
