@@ -101,3 +101,21 @@ def test_best_variant_rows_pick_the_highest_mean():
         }
     row = results.readme_row(results.BY_KEY["choose_source"], result)
     assert "b 90.0%" in row and "a 70.0%" not in row
+
+
+def test_recorded_runs_must_come_from_the_declared_command(tmp_path):
+    experiment = results.BY_KEY["maml_images"]
+    metrics = {"recipe": "maml", "seconds": 500.0, "variants": {n: {"accuracy_1_shot": 0.5, "accuracy_5_shot": 0.7}
+                                                                  for n in ("pretrained", "maml")}}  # fmt: skip
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"seed": 0, "dataset": "fashion_mnist", "given": ["dataset", "out"]})
+    )
+    result = results.run_experiment(experiment, folders=[tmp_path])
+    assert result["seeds"] == [0] and result["runs"][0]["load"] is None
+    assert "| 500 | not recorded |" in results.render_markdown({"maml_images": result})
+    (tmp_path / "config.json").write_text(
+        json.dumps({"seed": 0, "dataset": "fashion_mnist", "given": ["dataset", "ways"]})
+    )
+    with pytest.raises(SystemExit, match="was not written by"):
+        results.run_experiment(experiment, folders=[tmp_path])

@@ -14,7 +14,9 @@ runs each command once per seed (``--out`` a temporary folder), reads the run's
    docs/results.md. Rows of experiments never run by this command stay as they were.
 
 ``--only maml_sinusoid`` runs the named experiments; ``--seeds 0`` fewer seeds (the row then
-says so); ``--render`` only re-renders docs/results.md and the README from docs/results.json.
+says so); ``--render`` only re-renders docs/results.md and the README from docs/results.json;
+``--from-runs KEY=DIR`` takes an experiment's results from run folders its exact command wrote
+(checked against their config.json; the load average is then not recorded).
 A full run takes about an hour on two CPU cores. tests/test_results.py checks that the README
 and docs/results.md agree.
 """
@@ -225,9 +227,22 @@ def run_seed(experiment: Experiment, seed: int) -> dict:
     return {"seed": seed, "load": round(max(load_before, os.getloadavg()[0]), 1), "record": record}
 
 
-def run_experiment(experiment: Experiment, seeds: tuple[int, ...] | None = None) -> dict:
+def recorded_run(experiment: Experiment, folder: Path) -> dict:
+    """A run folder written earlier by exactly the experiment's command (checked against its config.json)."""
+    config = json.loads((folder / "config.json").read_text())
+    record = json.loads((folder / "metrics.json").read_text())
+    declared = dict(zip(experiment.args[::2], experiment.args[1::2]))
+    given = {f"--{name.replace('_', '-')}" for name in config.get("given", [])} - {"--out", "--seed"}
+    mismatched = [flag for flag, value in declared.items() if str(config[flag[2:].replace("-", "_")]) != value]
+    if given != set(declared) or mismatched or record["recipe"] != experiment.recipe:
+        raise SystemExit(f"{folder} was not written by `{' '.join(experiment.command())}` (flags {sorted(given)})")
+    return {"seed": config["seed"], "load": None, "record": record}
+
+
+def run_experiment(experiment: Experiment, seeds: tuple[int, ...] | None = None, folders: list[Path] = ()) -> dict:
     seeds = seeds if seeds is not None else experiment.seeds
-    runs = [run_seed(experiment, seed) for seed in seeds]
+    runs = [recorded_run(experiment, f) for f in folders] if folders else [run_seed(experiment, s) for s in seeds]
+    seeds = tuple(r["seed"] for r in runs)
     return {
         "key": experiment.key,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -358,7 +373,8 @@ def render_markdown(results: dict) -> str:
         for run in result["runs"]:
             cells = [str(run["seed"])]
             cells += [_fmt(run["variants"][n][f.metric], f) for n in names for f in experiment.figures]
-            lines.append("| " + " | ".join(cells + [f"{run['seconds']:.0f}", f"{run['load']:.1f}"]) + " |")
+            load = "not recorded" if run["load"] is None else f"{run['load']:.1f}"
+            lines.append("| " + " | ".join(cells + [f"{run['seconds']:.0f}", load]) + " |")
         means = ["mean (range)"] + [
             f"{_fmt(_stats(v)[0], f)} ({_fmt(_stats(v)[1], f)}-{_fmt(_stats(v)[2], f)})"
             for n in names
@@ -417,13 +433,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help=f"comma-separated experiments: {', '.join(BY_KEY)}")
     parser.add_argument("--seeds", default="", help="comma-separated seeds in place of each experiment's own")
     parser.add_argument("--render", action="store_true", help="only re-render docs/results.md and the README")
+    parser.add_argument("--from-runs", default="", metavar="KEY=DIR[,DIR]",
+                        help="take KEY's results from run folders its exact command wrote (one per seed)")  # fmt: skip
     args = parser.parse_args(argv)
     wanted = [k for k in args.only.split(",") if k] or list(BY_KEY)
     unknown = [k for k in wanted if k not in BY_KEY]
     if unknown:
         parser.error(f"unknown experiment(s) {unknown}; choose from {', '.join(BY_KEY)}")
     results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
-    if not args.render:
+    if args.from_runs:
+        key, _, folders = args.from_runs.partition("=")
+        if key not in BY_KEY:
+            parser.error(f"unknown experiment {key!r}; choose from {', '.join(BY_KEY)}")
+        results[key] = run_experiment(BY_KEY[key], folders=[Path(f) for f in folders.split(",") if f])
+        RESULTS_JSON.write_text(json.dumps(results, indent=1) + "\n")
+    elif not args.render:
         seeds = tuple(int(s) for s in args.seeds.split(",") if s) or None
         for key in wanted:
             results[key] = run_experiment(BY_KEY[key], seeds)
