@@ -4,9 +4,9 @@ Side by side in one run: a MobileNetV2 base (``weights=None`` is enough for timi
 BatchNorm statistics are set from one batch of the images, see ``calibrate_batchnorm``) at
 96x96, 2,000 Fashion-MNIST images of classes 5-9, a 20-epoch head phase. The cached path
 counts everything end to end: resizing and preprocessing the images, extracting their
-features once, and training the head. The image path resizes and preprocesses the images
-too, then pushes them through the frozen base at every step. The issue asks for a ratio
-of at least 10x with the same accuracy.
+features once (streamed through ``tf.data``: ``data.image_stream``), and training the head.
+The image path resizes and preprocesses the images too, then pushes them through the frozen
+base at every step. Issue 32 asks for a ratio of at least 15x with the same accuracy.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common import data
 from common.cli import make_strategy, set_seed
 from recipes import feature_extraction as fe
 
-TARGET_RATIO = 10.0
+TARGET_RATIO = 15.0
 
 
 def calibrate_batchnorm(model, images) -> None:
