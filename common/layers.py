@@ -1,4 +1,4 @@
-"""Custom Keras layers, registered so a saved ``model.keras`` loads without ``custom_objects``.
+"""Custom Keras layers and schedules, registered so a saved ``model.keras`` loads without ``custom_objects``.
 
 Importing this module registers the layers (``keras.saving.register_keras_serializable``),
 so ``import common.layers`` before ``keras.saving.load_model(path)`` is all a fresh
@@ -23,6 +23,28 @@ def dann_lambda(progress: float, gamma: float = 10.0) -> float:
     the features, rising to about 1 (0.9999 at p = 1 with gamma = 10).
     """
     return 2.0 / (1.0 + math.exp(-gamma * min(max(progress, 0.0), 1.0))) - 1.0
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AnnealedLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """DANN's learning rate ``lr / (1 + alpha p)^beta``, p = step / total_steps clipped to 1.
+
+    Ganin et al. 2016 (JMLR, section 5.2.2: alpha = 10, beta = 0.75): high at the start,
+    lr / 5.6 at the end. ``total_steps`` must be >= 1.
+    """
+
+    def __init__(self, learning_rate: float, total_steps: int, alpha: float = 10.0, beta: float = 0.75):
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.learning_rate, self.total_steps, self.alpha, self.beta = learning_rate, total_steps, alpha, beta
+
+    def __call__(self, step):
+        progress = ops.minimum(ops.cast(step, "float32") / self.total_steps, 1.0)
+        return self.learning_rate / (1.0 + self.alpha * progress) ** self.beta
+
+    def get_config(self) -> dict:
+        return {"learning_rate": self.learning_rate, "total_steps": self.total_steps, "alpha": self.alpha,
+                "beta": self.beta}  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

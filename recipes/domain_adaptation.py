@@ -49,7 +49,7 @@ from keras import layers
 
 from common import data, evaluation, models
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
-from common.layers import GradientReversal
+from common.layers import AnnealedLearningRate, GradientReversal
 
 VARIANTS = ("source_only", "adabn", "dann", "target_oracle")
 
@@ -63,19 +63,21 @@ class Config(RecipeConfig):
         "fashion_mnist_m", "Target domain (its labels unused): fashion_mnist_m, folder:<path>, ..."
     )
     image_size: int = knob(0, "Resize tfds:/folder: images to this side (0: native size, folders 64).")
-    source_images: int = knob(10000, "Labelled source training images, drawn with the seed (0: all).")
-    target_images: int = knob(10000, "Unlabelled target training images, drawn with the seed (0: all).")
-    steps: int = knob(600, "Training steps of every trained variant (source_only, dann, target_oracle).")
-    batch_size: int = knob(32, "Images per step from each domain (DANN's step sees twice as many).")
+    source_images: int = knob(10000, "Labelled source training images, drawn with the seed (0: all).", minimum=0)
+    target_images: int = knob(10000, "Unlabelled target training images, drawn with the seed (0: all).", minimum=0)
+    steps: int = knob(600, "Training steps of every trained variant (source_only, dann, target_oracle).", minimum=10)
+    batch_size: int = knob(32, "Images per step from each domain (DANN's step sees twice as many).", minimum=1)
     learning_rate: float = knob(0.01, "Initial SGD learning rate (momentum 0.9), annealed as lr/(1+10p)^0.75.")
-    domain_units: int = knob(100, "Hidden units of the domain classifier (Dense - ReLU - Dense logit).")
+    domain_units: int = knob(100, "Hidden units of the domain classifier (Dense - ReLU - Dense logit).", minimum=1)
     dann_batchnorm: str = knob(
         "per_domain",
         "DANN's BatchNorm: per_domain (a pass per domain; target statistics "
         "at test) | shared (one pass over both, as tllib).",
     )
-    lambda_max: float = knob(0.3, "Final weight of the reversed domain gradient (reached by 2/(1+exp(-10p))-1).")
-    test_images: int = knob(0, "Evaluate on this many target test images (0: all).")
+    lambda_max: float = knob(
+        0.3, "Final weight of the reversed domain gradient (reached by 2/(1+exp(-10p))-1).", minimum=0
+    )
+    test_images: int = knob(0, "Evaluate on this many target test images (0: all).", minimum=0)
     projection: str = knob("pca", "2-D projection of the features in the plot: pca | tsne.")
 
     QUICK = dict(source_images=1500, target_images=1500, steps=100, test_images=1000)
@@ -93,14 +95,7 @@ def load_domains(config: Config) -> tuple[data.Dataset, data.Dataset]:
     """The source and target datasets, checked: the same class names, training and test images in both."""
     source = load_domain(config.dataset, config)
     target = load_domain(config.target_dataset, config)
-    if source.class_names != target.class_names:
-        only_source = sorted(set(source.class_names) - set(target.class_names))
-        only_target = sorted(set(target.class_names) - set(source.class_names))
-        detail = f"only in the source: {only_source}; only in the target: {only_target}"
-        if not only_source and not only_target:
-            detail = f"the same names in another order: {source.class_names} vs {target.class_names}"
-        raise InputError(f"source {config.dataset!r} and target {config.target_dataset!r} must have the same classes; "
-                         f"{detail}")  # fmt: skip
+    data.check_same_classes(source, target)
     for role, dataset in (("source", source), ("target", target)):
         if len(dataset.x_train) == 0 or len(dataset.x_test) == 0:
             raise InputError(f"{role} dataset {dataset.name!r} has {len(dataset.x_train)} training and "
@@ -184,21 +179,6 @@ def prepare_domains(source: data.Dataset, target: data.Dataset, config: Config) 
     )
 
 
-class AnnealedLearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """DANN's learning rate: ``lr / (1 + alpha p)^beta``, p = step / total_steps (Ganin et al. 2016)."""
-
-    def __init__(self, learning_rate: float, total_steps: int, alpha: float = 10.0, beta: float = 0.75):
-        self.learning_rate, self.total_steps, self.alpha, self.beta = learning_rate, total_steps, alpha, beta
-
-    def __call__(self, step):
-        progress = keras.ops.minimum(keras.ops.cast(step, "float32") / self.total_steps, 1.0)
-        return self.learning_rate / (1.0 + self.alpha * progress) ** self.beta
-
-    def get_config(self) -> dict:
-        return {"learning_rate": self.learning_rate, "total_steps": self.total_steps, "alpha": self.alpha,
-                "beta": self.beta}  # fmt: skip
-
-
 def optimizer(config: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(AnnealedLearningRate(config.learning_rate, config.steps), momentum=0.9)
 
@@ -213,14 +193,6 @@ def feature_model(classifier: keras.Model) -> keras.Model:
     return classifier.get_layer("base")
 
 
-def fit_steps(model: keras.Model, pipeline, config: Config) -> dict:
-    """``config.steps`` steps over a repeating pipeline, logged in 10 chunks ("epochs")."""
-    chunks = min(10, config.steps)
-    history = model.fit(pipeline.repeat(), epochs=chunks, steps_per_epoch=config.steps // chunks, verbose=0,
-                        callbacks=[evaluation.EpochTimer()])  # fmt: skip
-    return history.history
-
-
 def train_classifier(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config, strategy):
     """``source_only`` on source labels, or ``target_oracle`` on target labels: same network and steps."""
     with strategy.scope():
@@ -228,7 +200,8 @@ def train_classifier(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, 
         model.compile(optimizer(config), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])  # fmt: skip
     print(f"[{name}] training on {len(x)} labelled images, {config.steps} steps")
-    return model, fit_steps(model, data.make_pipeline(x, y, config.batch_size, shuffle=True, seed=config.seed), config)
+    pipeline = data.make_pipeline(x, y, config.batch_size, shuffle=True, seed=config.seed)
+    return model, models.fit_steps(model, pipeline, config.steps)
 
 
 def build_dann(classifier: keras.Model, config: Config) -> keras.Model:
@@ -311,27 +284,6 @@ class DomainAdversarialTrainer(keras.Model):
         return {metric.name: metric.result() for metric in self.metrics}
 
 
-def dann_pipeline(domains: Domains, batch_size: int, seed: int):
-    """Endless batches of ((source images, source labels), target images), each domain shuffled on its own.
-
-    Every batch is full, ``batch_size`` images of each domain: an epoch's last, short batch
-    is skipped, and a domain with fewer images than a batch repeats within it.
-    """
-    import tensorflow as tf
-
-    def endless(x, y, seed: int):
-        if len(x) < batch_size:
-            ds = tf.data.Dataset.from_tensor_slices((x, y) if y is not None else x).cache()
-            return ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
-        return data.make_pipeline(x, y, batch_size, shuffle=True, seed=seed).repeat()
-
-    source = endless(domains.x_source, domains.y_source, seed)
-    target = endless(domains.x_target, None, seed + 1)
-    return tf.data.Dataset.zip(source, target).filter(
-        lambda s, t: tf.logical_and(tf.shape(s[0])[0] == batch_size, tf.shape(t)[0] == batch_size)
-    )
-
-
 def train_dann(domains: Domains, config: Config, strategy) -> tuple[keras.Model, keras.Model, dict]:
     """DANN: the class loss on source labels + the reversed domain loss, ``config.steps`` steps.
 
@@ -348,7 +300,10 @@ def train_dann(domains: Domains, config: Config, strategy) -> tuple[keras.Model,
         trainer.compile(optimizer(config))
     print(f"[dann] {len(domains.x_source)} labelled source + {len(domains.x_target)} unlabelled target images, "
           f"{config.steps} steps, BatchNorm {config.dann_batchnorm}")  # fmt: skip
-    history = fit_steps(trainer, dann_pipeline(domains, config.batch_size, config.seed), config)
+    pipeline = data.paired_pipeline(
+        domains.x_source, domains.y_source, domains.x_target, config.batch_size, config.seed
+    )
+    history = models.fit_steps(trainer, pipeline, config.steps)
     if per_domain:
         models.adapt_batchnorm(classifier, domains.x_target)
     return classifier, dann, history
@@ -399,11 +354,6 @@ def features_and_logits(
     return np.concatenate(features), np.concatenate(logits)
 
 
-def gap_closed(accuracy: float, source_only: float, oracle: float) -> float:
-    """Share of the source_only-to-oracle gap closed: 0 = no better than source_only, 1 = the oracle."""
-    return (accuracy - source_only) / (oracle - source_only) if oracle != source_only else float("nan")
-
-
 def evaluate(trained: dict[str, keras.Model], domains: Domains, config: Config) -> tuple[dict, dict]:
     """Every variant's target test accuracy, gap closed and proxy A-distance; and the features behind it.
 
@@ -429,7 +379,7 @@ def evaluate(trained: dict[str, keras.Model], domains: Domains, config: Config) 
         variants[name] = report
     base, ceiling = variants["source_only"]["test_accuracy"], variants["target_oracle"]["test_accuracy"]
     for report in variants.values():
-        report["gap_closed"] = gap_closed(report["test_accuracy"], base, ceiling)
+        report["gap_closed"] = evaluation.gap_closed(report["test_accuracy"], base, ceiling)
     return variants, feature_sets
 
 
@@ -461,9 +411,6 @@ def check_config(config: Config) -> None:
         raise InputError(f"unknown --dann-batchnorm {config.dann_batchnorm!r}; choose per_domain or shared")
     if config.projection not in ("pca", "tsne"):
         raise InputError(f"unknown --projection {config.projection!r}; choose pca or tsne")
-    if config.steps < 10 or config.batch_size < 1:
-        raise InputError(f"--steps must be at least 10 and --batch-size at least 1, got {config.steps} and "
-                         f"{config.batch_size}")  # fmt: skip
 
 
 # --- The whole recipe -------------------------------------------------------------

@@ -86,26 +86,12 @@ class Config(RecipeConfig):
 
 def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
     """The source and target tasks, class lists checked, labels re-indexed from 0."""
-    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
-    source_classes = data.parse_classes(config.source_classes)
-    target_classes = data.parse_classes(config.target_classes)
-    data.check_class_split(dataset, source_classes, target_classes)
-    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+    return data.load_tasks(config.dataset, config.source_classes, config.target_classes, config.image_size, config.seed)
 
 
 def pick_budget(target: data.Dataset, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``labels_per_class`` training images per class, and the (optionally subsampled) test set."""
-    picked = data.sample_per_class(
-        target.y_train, config.labels_per_class, config.seed, target.class_names,
-        what=f"--labels-per-class {config.labels_per_class}",
-    )  # fmt: skip
-    x_test, y_test = target.x_test, target.y_test
-    if config.test_images and config.test_images < len(x_test):
-        per_class = max(1, config.test_images // target.num_classes)
-        smallest = int(np.bincount(y_test, minlength=target.num_classes).min())
-        keep = data.sample_per_class(y_test, min(per_class, smallest), config.seed, target.class_names)
-        x_test, y_test = x_test[keep], y_test[keep]
-    return target.x_train[picked], target.y_train[picked], x_test, y_test
+    return data.label_budget(target, config.labels_per_class, config.seed, config.test_images)
 
 
 def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
@@ -128,35 +114,18 @@ def extract_features(base: bases.Base, images: np.ndarray, batch_size: int = 256
     return features, time.perf_counter() - start
 
 
-def build_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Model:
-    """Dropout and a Dense layer emitting logits, on cached feature vectors."""
-    inputs = keras.Input((feature_dim,))
-    x = layers.Dropout(dropout, name="head_dropout")(inputs)
-    outputs = layers.Dense(num_classes, name="classifier")(x)
-    return keras.Model(inputs, outputs, name="head")
-
-
 def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
                            strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
-    """The fast path: the head alone, on cached features."""
-    with strategy.scope():
-        # A head step takes microseconds: run 64 per compiled call, not one (same updates).
-        head = models.compile_classifier(
-            build_head(features.shape[1], num_classes, config.dropout), config.learning_rate, steps_per_execution=64
-        )
-    start = time.perf_counter()
-    train = data.make_pipeline(features, y, config.batch_size, shuffle=True, seed=config.seed)
-    history = head.fit(train, epochs=config.epochs, verbose=0).history
-    return head, history, time.perf_counter() - start
+    """The fast path: the head (dropout, Dense logits) alone, on cached features; head, history, seconds."""
+    return models.train_head_on_features(features, y, num_classes, config.dropout, config.learning_rate, config.epochs,
+                                         config.batch_size, config.seed, strategy)  # fmt: skip
 
 
 def assemble(base: bases.Base, head: keras.Model, num_classes: int, config: Config, strategy) -> keras.Model:
     """The frozen base and the trained head as one model taking (prepared) images."""
     with strategy.scope():
-        model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
-        model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
-        models.compile_classifier(model, config.learning_rate)
-    return model
+        return models.head_on_base(base.model, head, num_classes, config.dropout, config.learning_rate,
+                                   name="feature_extraction")  # fmt: skip
 
 
 def augmenter(seed: int) -> keras.Sequential:
@@ -177,13 +146,9 @@ def train_head_on_images(base: bases.Base, x: np.ndarray, y: np.ndarray, num_cla
     with strategy.scope():
         model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
         models.compile_classifier(model, config.learning_rate)  # compile after freezing
-    start = time.perf_counter()
-    train = data.make_pipeline(
-        base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed,
-        augment=augmenter(config.seed) if augment else None,
-    )  # fmt: skip
-    history = model.fit(train, epochs=config.epochs, verbose=0).history
-    return model, history, time.perf_counter() - start
+    history, seconds = models.fit_timed(model, base.prepare(x), y, config.epochs, config.batch_size, config.seed,
+                                        augment=augmenter(config.seed) if augment else None)  # fmt: skip
+    return model, history, seconds
 
 
 def train_scratch(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
@@ -191,10 +156,8 @@ def train_scratch(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: i
     """The baseline: the base's architecture, random weights, trained end to end on the same images."""
     with strategy.scope():
         model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), config.learning_rate)
-    start = time.perf_counter()
-    train = data.make_pipeline(base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed)
-    history = model.fit(train, epochs=config.epochs, verbose=0).history
-    return model, history, time.perf_counter() - start
+    history, seconds = models.fit_timed(model, base.prepare(x), y, config.epochs, config.batch_size, config.seed)
+    return model, history, seconds
 
 
 def evaluate(model: keras.Model, base: bases.Base, x_test: np.ndarray, y_test: np.ndarray, num_classes: int) -> dict:

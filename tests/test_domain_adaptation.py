@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from common import data, evaluation, models
-from common.layers import GradientReversal, dann_lambda
+from common.layers import AnnealedLearningRate, GradientReversal, dann_lambda
 from recipes import domain_adaptation
 from tests.conftest import ROOT, assert_cli_error, execute_notebook
 
@@ -52,6 +52,17 @@ def test_gradient_reversal_schedule_follows_dann_and_counts_training_calls_only(
         np.testing.assert_allclose(tape.gradient(y, x).numpy(), -expected * np.ones((2, 3)), rtol=1e-5, atol=1e-7)
     assert float(layer.step.numpy()) == 12.0
     assert dann_lambda(0.0) == 0.0 and 0.99 < dann_lambda(1.0) < 1.0 and dann_lambda(0.5) == dann_lambda(0.5, 10.0)
+
+
+def test_annealed_learning_rate_follows_dann_and_serialises():
+    schedule = AnnealedLearningRate(0.01, total_steps=100)
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(100)) == pytest.approx(0.01 / 11**0.75)
+    assert float(schedule(500)) == pytest.approx(float(schedule(100)))  # clipped at the end of training
+    again = keras.optimizers.schedules.deserialize(keras.optimizers.schedules.serialize(schedule))
+    assert float(again(50)) == pytest.approx(float(schedule(50)))
+    with pytest.raises(ValueError, match="total_steps"):
+        AnnealedLearningRate(0.01, total_steps=0)
 
 
 def test_saved_model_with_gradient_reversal_loads_in_a_fresh_process(tmp_path):

@@ -141,3 +141,9 @@ def test_text_table_and_labelled_scatter():
                                            reference=("scratch", 85.0))  # fmt: skip
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.texts] == ["a", "b"] and ax.get_legend() is not None
+
+
+def test_gap_closed():
+    assert evaluation.gap_closed(0.6, baseline=0.4, ceiling=0.8) == pytest.approx(0.5)
+    assert evaluation.gap_closed(0.3, baseline=0.4, ceiling=0.8) == pytest.approx(-0.25)  # worse than the baseline
+    assert np.isnan(evaluation.gap_closed(0.5, baseline=0.5, ceiling=0.5))

@@ -33,6 +33,17 @@ def test_unknown_dataset_is_one_line_and_exit_status_2(name, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_error_is_the_only_line_on_stderr(tmp_path):
+    """TensorFlow's start-up notes (printed whatever TF_CPP_MIN_LOG_LEVEL says) do not come before it."""
+    env = {k: v for k, v in ENV.items() if k not in ("RECIPES_DEBUG", "TF_CPP_MIN_LOG_LEVEL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.weight_transfer", "--dataset", "no_such_data", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: "), result.stderr
+
+
 def test_debug_keeps_the_traceback(tmp_path):
     result = run_recipe("weight_transfer", "--dataset", "no_such_data", "--debug", "--out", str(tmp_path))
     assert result.returncode != 0 and "Traceback" in result.stderr and "InputError" in result.stderr
