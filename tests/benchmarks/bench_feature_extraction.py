@@ -15,7 +15,7 @@ import time
 
 import keras
 
-from common import data
+from common import bases, data
 from common.cli import make_strategy, set_seed
 from recipes import feature_extraction as fe
 
@@ -54,7 +54,7 @@ def main(images: int = 2000, epochs: int = 20, side: int = 96, test_images: int 
 
     set_seed(0)
     start = time.perf_counter()
-    features, extract_seconds = fe.extract_features(base, x)
+    features, extract_seconds = bases.extract_features(base, x)
     head, _, train_seconds = fe.train_head_on_features(features, y, target.num_classes, config, strategy)
     cached_seconds = time.perf_counter() - start
     cached = fe.assemble(base, head, target.num_classes, config, strategy)
