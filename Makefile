@@ -1,18 +1,21 @@
 # make demo   set up, then run the main recipe on the embedded default data
 # make test   set up, then lint and run the whole test suite (what CI runs)
-# make bench  set up, then print the speed benchmarks
+# make bench  set up, then print the speed benchmarks (installs the JAX peer into .venv-peers)
+# make results  run every recipe's README experiment over its seeds (about an hour): docs/results.md + README table
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help setup data demo demo-multiworker test lint bench clean
+.PHONY: help setup data demo demo-multiworker test lint bench results clean
 
 help:
 	@echo "make demo    set up (venv, requirements, Fashion-MNIST), then run python -m recipes.weight_transfer"
 	@echo "make demo-multiworker  the same, --quick, as two local workers (MultiWorkerMirroredStrategy)"
 	@echo "make test    set up, then ruff and the whole test suite (CI runs this via bash .ci/run)"
-	@echo "make bench   set up, then run the speed benchmarks in tests/benchmarks/"
+	@echo "make bench   set up, then run the speed benchmarks in tests/benchmarks/ (JAX peer in .venv-peers)"
+	@echo "make results run every recipe's README experiment (about an hour): docs/results.md, README table"
+	@echo "             (make results ARGS='--only maml_sinusoid' for some; ARGS='--render' only re-renders)"
 	@echo "make setup   only the set-up; make lint: only ruff; make clean: remove runs/"
 
 setup: $(VENV)/.installed data
@@ -46,8 +49,19 @@ lint: $(VENV)/.installed
 test: setup lint
 	$(PY) -m pytest -q tests
 
-bench: setup
-	$(PY) -m tests.benchmarks.run_all
+# The benchmarks' peers (JAX) live in their own virtualenv; the recipes and tests never need them.
+PEERS_VENV ?= .venv-peers
+$(PEERS_VENV)/.installed: tests/benchmarks/peers/requirements-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet -r tests/benchmarks/peers/requirements-peers.txt
+	touch $@
+
+bench: setup $(PEERS_VENV)/.installed
+	PEERS_PYTHON=$(CURDIR)/$(PEERS_VENV)/bin/python $(PY) -m tests.benchmarks.run_all
+
+results: setup
+	$(PY) -m tools.results $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
 from common import data, models
@@ -460,18 +461,23 @@ def feature_extractor(base: Base) -> keras.Model:
     return keras.Model(inputs, x, name="features")
 
 
-def extract_features(base: Base, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, float]:
+def extract_features(base: Base, images: np.ndarray, batch_size: int = 128) -> tuple[np.ndarray, float]:
     """Images in [0, 1] once through the frozen base (``feature_extractor``): (N, D) features and seconds.
 
-    The model is called on batches directly (``training=False``) rather than through
-    ``predict``, which would trace a new predict function for every base.
+    The images stream through ``data.image_stream``: resizing, grey <-> RGB and the base's
+    preprocessing run in a ``tf.data`` map overlapped with the forward pass (prefetch), and no
+    float32 copy of all prepared images is made. The forward pass is one ``tf.function`` traced
+    once per base (any batch size: ``input_signature``), not ``predict`` (whose machinery costs
+    more for a single pass) nor eager calls (layer by layer in Python: 4-5x slower on
+    MobileNetV2). Batches of 128 ran MobileNetV2 at 96x96 faster than 512 on two CPU cores.
     """
     start = time.perf_counter()
     extractor = feature_extractor(base)
-    inputs = base.prepare(images)
-    features = np.concatenate([
-        np.asarray(extractor(inputs[i : i + batch_size], training=False)) for i in range(0, len(inputs), batch_size)
-    ])  # fmt: skip
+    embed = tf.function(
+        lambda x: extractor(x, training=False), input_signature=[tf.TensorSpec((None, *base.input_shape), tf.float32)]
+    )
+    stream = data.image_stream(images, base.input_shape, base.preprocess, batch_size)
+    features = np.concatenate([embed(batch).numpy() for batch in stream])
     return features, time.perf_counter() - start
 
 

@@ -849,6 +849,37 @@ def make_pipeline(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def image_stream(images: np.ndarray, shape: tuple[int, int, int], preprocess=None, batch_size: int = 128):
+    """A ``tf.data`` stream of model-ready batches: resize, grey <-> RGB and ``preprocess`` run in the graph.
+
+    ``images``: (N, H, W, 1 or 3) in [0, 1] (any float or integer dtype); ``shape``: the model's
+    (height, width, channels); ``preprocess``: a callable on a float32 batch (a backbone's
+    ``preprocess_input`` wrapper), or None. Batches are prepared in parallel with the model's
+    forward pass (``map`` with AUTOTUNE, ``prefetch``), so no (N, height, width, channels) float32
+    copy is ever held in memory: what ``to_input_shape`` + ``preprocess`` do, streamed. Feed it to
+    ``model.predict``. Moderate batches (64-128) run MobileNetV2 faster on a CPU than 512.
+    Raises ``InputError`` for channel counts other than 1 and 3.
+    """
+    import tensorflow as tf
+
+    height, width, channels = shape
+    if images.shape[-1] not in (1, 3) or channels not in (1, 3):
+        raise InputError(f"can convert between 1 and 3 channels only, not {images.shape[-1]} -> {channels}")
+
+    def prepare(batch):
+        batch = tf.cast(batch, tf.float32)
+        if tuple(batch.shape[1:3]) != (height, width):
+            batch = tf.image.resize(batch, (height, width))
+        if batch.shape[-1] == 1 and channels == 3:
+            batch = tf.image.grayscale_to_rgb(batch)
+        elif batch.shape[-1] == 3 and channels == 1:
+            batch = tf.image.rgb_to_grayscale(batch)
+        return batch if preprocess is None else tf.cast(preprocess(batch), tf.float32)
+
+    stream = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+    return stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
 def paired_pipeline(x: np.ndarray, y: np.ndarray, x_other: np.ndarray, batch_size: int, seed: int = 0):
     """Endless full batches of ``((x, y), x_other)``: labelled images beside unlabelled ones.
 

@@ -109,14 +109,6 @@ def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
     )  # fmt: skip
 
 
-def extract_features(base: bases.Base, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, float]:
-    """Run the images once through the frozen base (inference mode, pooled); returns features and seconds."""
-    start = time.perf_counter()
-    extractor = bases.feature_extractor(base)
-    features = extractor.predict(base.prepare(images), batch_size=batch_size, verbose=0)
-    return features, time.perf_counter() - start
-
-
 def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
                            strategy, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The fast path: the head (dropout, Dense logits) alone, on cached features; head, history, seconds."""
@@ -200,7 +192,7 @@ def run(config: Config) -> dict:
         )
         path = "augmented images through the frozen base"
     else:
-        features, extract_seconds = extract_features(base, x)
+        features, extract_seconds = bases.extract_features(base, x)
         head, history, train_seconds = train_head_on_features(features, y, n, config, strategy, backup.phase("head"))
         model = assemble(base, head, n, config, strategy)
         path = "cached features"

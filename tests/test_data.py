@@ -445,6 +445,25 @@ def test_damaged_fashion_mnist_file_is_named(tiny_fashion_dir, monkeypatch):
         data.load_dataset("fashion_mnist")
 
 
+def test_image_stream_matches_to_input_shape_and_preprocess():
+    rng = np.random.default_rng(0)
+    grey = rng.random((5, 28, 28, 1), dtype=np.float32)
+    expected = data.to_input_shape(grey, (32, 32, 3)) * 2.0 - 1.0
+    batches = list(data.image_stream(grey, (32, 32, 3), lambda b: b * 2.0 - 1.0, batch_size=2))
+    assert [b.shape[0] for b in batches] == [2, 2, 1]
+    got = np.concatenate([b.numpy() for b in batches])
+    assert got.dtype == np.float32 and got.shape == (5, 32, 32, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    rgb = rng.random((3, 32, 32, 3), dtype=np.float32)  # no resize, RGB -> grey, no preprocess
+    np.testing.assert_allclose(
+        next(iter(data.image_stream(rgb, (32, 32, 1), batch_size=8))).numpy(),
+        data.to_input_shape(rgb, (32, 32, 1)),
+        atol=1e-6,
+    )
+    with pytest.raises(InputError, match="1 and 3 channels only, not 4 -> 3"):
+        data.image_stream(np.zeros((2, 8, 8, 4), np.float32), (8, 8, 3))
+
+
 def test_check_same_classes_names_what_differs():
     def dataset(name, classes):
         x = np.zeros((len(classes), 4, 4, 1), np.float32)

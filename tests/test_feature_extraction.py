@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+from common import bases
 from common.cli import make_strategy, set_seed
 from recipes import feature_extraction as fe
 from tests.conftest import ROOT, execute_notebook
@@ -53,7 +54,7 @@ def test_cached_features_and_image_path_agree(tmp_path):
     base = fe.load_pretrained_base(config, source)
 
     set_seed(0)
-    features, _ = fe.extract_features(base, x)
+    features, _ = bases.extract_features(base, x)
     head, _, _ = fe.train_head_on_features(features, y, target.num_classes, config, strategy)
     cached = fe.assemble(base, head, target.num_classes, config, strategy)
     set_seed(0)

@@ -4,9 +4,9 @@ Side by side in one run: a MobileNetV2 base (``weights=None`` is enough for timi
 BatchNorm statistics are set from one batch of the images, see ``calibrate_batchnorm``) at
 96x96, 2,000 Fashion-MNIST images of classes 5-9, a 20-epoch head phase. The cached path
 counts everything end to end: resizing and preprocessing the images, extracting their
-features once, and training the head. The image path resizes and preprocesses the images
-too, then pushes them through the frozen base at every step. The issue asks for a ratio
-of at least 10x with the same accuracy.
+features once (streamed through ``tf.data``: ``data.image_stream``), and training the head.
+The image path resizes and preprocesses the images too, then pushes them through the frozen
+base at every step. Issue 32 asks for a ratio of at least 15x with the same accuracy.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import time
 
 import keras
 
-from common import data
+from common import bases, data
 from common.cli import make_strategy, set_seed
 from recipes import feature_extraction as fe
 
-TARGET_RATIO = 10.0
+TARGET_RATIO = 15.0
 
 
 def calibrate_batchnorm(model, images) -> None:
@@ -54,7 +54,7 @@ def main(images: int = 2000, epochs: int = 20, side: int = 96, test_images: int 
 
     set_seed(0)
     start = time.perf_counter()
-    features, extract_seconds = fe.extract_features(base, x)
+    features, extract_seconds = bases.extract_features(base, x)
     head, _, train_seconds = fe.train_head_on_features(features, y, target.num_classes, config, strategy)
     cached_seconds = time.perf_counter() - start
     cached = fe.assemble(base, head, target.num_classes, config, strategy)
