@@ -14,10 +14,15 @@ input shape it expects. Three kinds of spec:
   ``preprocess_input`` runs;
 - a path to a saved ``.keras`` model (e.g. one written by ``recipes.weight_transfer``):
   its sub-model named ``base`` if it has one, else everything below its ``classifier``
-  layer, else the whole model.
+  layer, else everything below its classification layer (the ``Dense`` layer that makes
+  its output: softmax, sigmoid or logits), else the whole model. The run prints which
+  layer is the feature output.
+
+``--base-layer NAME`` (``layer=``) picks the feature output of a backbone or a ``.keras``
+model by layer name instead.
 
 Every error (unknown name, missing or mismatched weights file, an input too small for a
-backbone, a path that is not a model) is raised here, before any training.
+backbone, a path that is not a model, an unknown layer) is raised here, before any training.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ CACHE_DIR_ENV = "RECIPES_CACHE_DIR"
 SOURCE_CNN = "source-cnn"
 SOURCE_CUTS = ("block1", "block2", "block3")
 DEFAULT_BACKBONE_SIZE = 96
+# Bump when pretrain_source_cnn changes what it produces: part of the cache key.
+SOURCE_CNN_VERSION = 2  # 2: BatchNorm statistics recalibrated, cached only if it beats chance
+CHANCE_P_VALUE = 0.01  # a cached base must beat chance at this significance ...
+CHANCE_MARGIN = 0.10  # ... and by at least this much accuracy
 
 
 @dataclass
@@ -54,6 +63,7 @@ class SourceSettings:
     learning_rate: float = 1e-3
     max_images: int = 0  # 0: every training image of the source classes
     seed: int = 0
+    shuffle_labels: bool = False  # permute the labels across images: a source that learned nothing transferable
 
 
 @dataclass
@@ -61,7 +71,9 @@ class Base:
     """A feature extractor and how to feed it.
 
     ``model`` maps inputs of ``input_shape`` to features (a vector or a feature map);
-    ``preprocess`` maps images in [0, 1], already of ``input_shape``, to its inputs.
+    ``preprocess`` maps images in [0, 1], already of ``input_shape``, to its inputs;
+    ``source_model``, where there is one, is the whole model the base was cut from,
+    ending in its outputs over the source classes (LEEP and NCE need them).
     """
 
     spec: str
@@ -69,6 +81,7 @@ class Base:
     preprocess: Callable
     input_shape: tuple[int, int, int]
     info: dict = field(default_factory=dict)
+    source_model: keras.Model | None = None
 
     def prepare(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         """Images in [0, 1] of any size and 1 or 3 channels -> float32 inputs of the base."""
@@ -104,11 +117,13 @@ def base_kind(spec: str) -> str:
     )
 
 
-def check_base_args(spec: str, weights: str = "", image_size: int = 0, cut: str = "block2") -> None:
-    """Validate ``--base``/``--weights``/``--image-size``/``--source-cut`` without building anything."""
+def check_base_args(spec: str, weights: str = "", image_size: int = 0, cut: str = "block2", layer: str = "") -> None:
+    """Validate ``--base``/``--weights``/``--image-size``/``--source-cut``/``--base-layer`` without building anything."""
     kind = base_kind(spec)
     if kind == "source-cnn" and cut not in SOURCE_CUTS:
         raise InputError(f"unknown --source-cut {cut!r}; choose one of {', '.join(SOURCE_CUTS)}")
+    if kind == "source-cnn" and layer:
+        raise InputError(f"--base-layer {layer!r} applies to keras.applications and .keras bases; use --source-cut")
     if kind != "backbone" and weights:
         raise InputError(f"--weights {weights!r} applies to keras.applications bases only, not {spec!r}")
     if kind == "backbone":
@@ -123,28 +138,31 @@ def check_base_args(spec: str, weights: str = "", image_size: int = 0, cut: str 
 
 
 def load_base(spec: str, weights: str = "", image_size: int = 0, source: data.Dataset | None = None,
-              settings: SourceSettings | None = None, cut: str = "block2", verbose: int = 2) -> Base:  # fmt: skip
+              settings: SourceSettings | None = None, cut: str = "block2", verbose: int = 2,
+              layer: str = "") -> Base:  # fmt: skip
     """The base named by ``spec`` (see the module docstring).
 
     ``source`` (the source-class task) and ``settings`` are needed for ``source-cnn`` only;
     ``cut`` is the source-cnn's last block kept; ``image_size`` is the input side of a
-    keras.applications backbone (0: 96).
+    keras.applications backbone (0: 96), and of a ``.keras`` model that takes any size;
+    ``layer`` (a recipe's ``--base-layer``) names the feature output of a backbone or a
+    ``.keras`` model.
     """
-    check_base_args(spec, weights, image_size, cut)
+    check_base_args(spec, weights, image_size, cut, layer)
     kind = base_kind(spec)
     if kind == "source-cnn":
         if source is None:
             raise ValueError("the source-cnn base needs the source task (pass source=)")
         return source_cnn_base(source, settings or SourceSettings(), cut=cut, verbose=verbose)
     if kind == "backbone":
-        return backbone_base(spec, weights or "imagenet", image_size or DEFAULT_BACKBONE_SIZE)
-    return keras_file_base(spec)
+        return backbone_base(spec, weights or "imagenet", image_size or DEFAULT_BACKBONE_SIZE, layer)
+    return keras_file_base(spec, layer, image_size)
 
 
 # --- keras.applications -----------------------------------------------------------------
 
 
-def backbone_base(name: str, weights: str, side: int) -> Base:
+def backbone_base(name: str, weights: str, side: int, layer: str = "") -> Base:
     shape = (side, side, 3)
     try:
         model = models.build_backbone(name, shape, None if weights == "none" else weights)
@@ -155,31 +173,107 @@ def backbone_base(name: str, weights: str, side: int) -> Base:
             f"could not get {weights!r} weights for {name} ({type(error).__name__}: {error}); "
             "offline, pass --weights none or a local weights file"
         ) from error
-    return Base(name, model, models.backbone_preprocess(name), shape, {"kind": "backbone", "weights": weights})
+    info = {"kind": "backbone", "weights": weights}
+    if layer:
+        model = cut_at_layer(model, layer, f"backbone {name}")
+        info["feature_layer"] = layer
+        print(f"--base {name}: feature output {layer!r}, shape {model.output_shape[1:]} (--base-layer)")
+    return Base(name, model, models.backbone_preprocess(name), shape, info)
 
 
 # --- A saved .keras model ---------------------------------------------------------------
 
 
-def keras_file_base(path: str) -> Base:
-    try:
-        loaded = keras.models.load_model(path, compile=False)
-    except Exception as error:
-        raise InputError(f"--base {path!r} is not a Keras model ({type(error).__name__}: {error})") from error
-    if not isinstance(loaded, keras.Model):
-        raise InputError(f"--base {path!r} holds a {type(loaded).__name__}, not a Keras model")
-    names = [layer.name for layer in loaded.layers]
-    if "base" in names and isinstance(loaded.get_layer("base"), keras.Model):
-        model, cut = loaded.get_layer("base"), "sub-model 'base'"
+def keras_file_base(path: str, layer: str = "", image_size: int = 0) -> Base:
+    """A saved model as a base: cut at ``layer`` if given, else below its classifier (module docstring).
+
+    An input side left open (``None``) becomes ``image_size`` (0: 96). Raises ``InputError``
+    for a file that is not a Keras model, an unknown ``layer``, inputs that are not images
+    of 1 or 3 channels, and a feature output that is neither a vector nor a feature map.
+    """
+    loaded = models.load_saved_model(path, "--base")
+    names = [lyr.name for lyr in loaded.layers]
+    if layer:
+        model, uses = cut_at_layer(loaded, layer, f"--base {path!r}"), "chosen with --base-layer"
+    elif "base" in names and isinstance(loaded.get_layer("base"), keras.Model):
+        model, uses = loaded.get_layer("base"), "its sub-model 'base'"
     elif "classifier" in names:
         model = keras.Model(loaded.inputs, loaded.get_layer("classifier").input, name="base")
-        cut = "everything below 'classifier'"
+        uses = "everything below its 'classifier' layer"
+    elif (head := classification_layer(loaded)) is not None:
+        model = keras.Model(loaded.inputs, head.input, name="base")
+        units, activation = head.get_config()["units"], head.get_config()["activation"]
+        uses = f"everything below its classification layer {head.name!r} (Dense, {units} units, {activation})"
     else:
-        model, cut = loaded, "the whole model"
+        model, uses = loaded, "the whole model (its output is not made by a Dense layer)"
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InputError(
+            f"--base {path!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; one each is needed"
+        )
     shape = tuple(model.input_shape[1:])
-    if len(shape) != 3 or None in shape:
-        raise InputError(f"--base {path!r} takes inputs of shape {shape}; an image model of fixed (H, W, C) is needed")
-    return Base(path, model, _identity, shape, {"kind": "keras-file", "uses": cut})
+    if len(shape) != 3 or shape[-1] not in (1, 3):
+        raise InputError(
+            f"--base {path!r} takes inputs of shape {shape}; an image model of (height, width, 1 or 3 channels) is needed"
+        )
+    side = image_size or DEFAULT_BACKBONE_SIZE
+    shape = tuple(side if d is None else d for d in shape)
+    output = model.output_shape
+    if len(output) not in (2, 4):
+        raise InputError(
+            f"--base {path!r}: the feature output {_output_name(model)!r} has shape {output}, neither a vector nor "
+            "a feature map; pass --base-layer NAME"
+        )
+    hint = "" if layer else "; --base-layer NAME picks another layer"
+    print(f"--base {path}: feature output {_output_name(model)!r}, shape {output[1:]}: {uses}{hint}")
+    info = {"kind": "keras-file", "uses": uses, "feature_layer": _output_name(model)}
+    top = loaded.output_shape
+    classifies = model is not loaded and isinstance(top, tuple) and len(top) == 2 and (top[1] or 0) >= 2
+    return Base(path, model, _identity, shape, info, source_model=loaded if classifies else None)
+
+
+def classification_layer(model: keras.Model) -> layers.Layer | None:
+    """The ``Dense`` layer that makes ``model``'s output, or None.
+
+    Looks back from the output through layers without weights (``Softmax``,
+    ``Activation``, ``Dropout``, ``Reshape``). A Dense layer with softmax, sigmoid or no
+    activation (logits) is a classifier (or a regression head), whatever its width; one
+    with another activation (ReLU ...) is taken to emit features, and None is returned.
+    """
+    if len(model.outputs) != 1:
+        return None
+    operation = getattr(model.outputs[0], "_keras_history", (None,))[0]
+    while operation is not None and not isinstance(operation, layers.Dense):
+        if operation.weights or isinstance(operation, (keras.Model, layers.InputLayer)):
+            return None
+        inputs = operation.input if isinstance(operation.input, list) else [operation.input]
+        if len(inputs) != 1:
+            return None
+        operation = getattr(inputs[0], "_keras_history", (None,))[0]
+    if operation is None or operation.get_config().get("activation") not in ("softmax", "sigmoid", "linear"):
+        return None
+    return operation
+
+
+def cut_at_layer(model: keras.Model, name: str, what: str) -> keras.Model:
+    """``model`` from its input up to the output of its layer ``name`` (or of a layer of a nested sub-model).
+
+    Raises ``InputError`` naming ``what`` and listing the layer names if there is no such layer.
+    """
+    try:
+        return keras.Model(model.inputs, model.get_layer(name).output, name="base")
+    except ValueError:
+        pass
+    for sub in model.layers:
+        if isinstance(sub, keras.Model) and name in [lyr.name for lyr in sub.layers]:
+            return keras.Model(sub.inputs, sub.get_layer(name).output, name="base")
+    names = [lyr.name for lyr in model.layers]
+    listed = ", ".join(names if len(names) <= 40 else ["..."] + names[-40:])
+    raise InputError(f"--base-layer {name!r} is not a layer of {what}; its layers: {listed}")
+
+
+def _output_name(model: keras.Model) -> str:
+    operation = getattr(model.outputs[0], "_keras_history", (None,))[0]
+    return operation.name if operation is not None else model.name
 
 
 def _identity(images):
@@ -190,39 +284,69 @@ def _identity(images):
 
 
 def source_cache_key(source: data.Dataset, settings: SourceSettings) -> str:
-    """A short hash of everything that changes the pretrained source CNN."""
+    """A short hash of everything that changes the pretrained source CNN.
+
+    The source task's name, classes, shape and the bytes of its training images and labels
+    (a folder whose images changed gets a new base), the settings, the Keras version and
+    ``SOURCE_CNN_VERSION`` (the pretraining procedure).
+    """
+    content = hashlib.sha256(np.ascontiguousarray(source.x_train).data)
+    content.update(np.ascontiguousarray(source.y_train).data)
     described = {
         "dataset": source.name,
         "classes": source.class_names,
         "input_shape": list(source.input_shape),
         "train_images": len(source.x_train),
+        "train_content": content.hexdigest(),
         "settings": asdict(settings),
         "keras": keras.__version__,
+        "version": SOURCE_CNN_VERSION,
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def source_cnn_base(source: data.Dataset, settings: SourceSettings, cut: str = "block2", verbose: int = 2) -> Base:
-    """``build_bn_cnn``'s base, pretrained on ``source``; loaded from the cache when present."""
+    """``build_bn_cnn``'s base, pretrained on ``source``; loaded from the cache when present.
+
+    A freshly pretrained base is cached only if it clearly beats chance on the held-out
+    source test images (``beats_chance``); otherwise the run goes on with it after a
+    warning, and the next run pretrains again. An unreadable cache file is pretrained again.
+    """
     key = source_cache_key(source, settings)
     path = cache_dir() / f"source-cnn-{key}.keras"
     meta_path = path.with_suffix(".json")
+    model = None
     if path.is_file() and meta_path.is_file():
-        model = keras.models.load_model(path, compile=False)
-        info = json.loads(meta_path.read_text())
-        info["cached"] = True
-        print(f"source-cnn base: reusing {path}")
-    else:
-        print(f"source-cnn base: pretraining on {source} (cached as {path})")
+        try:
+            model = keras.models.load_model(path, compile=False)
+            info = json.loads(meta_path.read_text())
+            info["cached"] = True
+            print(
+                f"source-cnn base: reusing {path} ({100 * info['source_test_accuracy']:.1f}% on the source test images)"
+            )
+        except Exception as error:  # a damaged cache entry: pretrain again
+            print(f"source-cnn base: cannot read {path} ({type(error).__name__}); pretraining again")
+            model = None
+    if model is None:
+        print(f"source-cnn base: pretraining on {source} (cached as {path} if it beats chance)")
         model, info = pretrain_source_cnn(source, settings, verbose=verbose)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-        model.save(tmp)
-        os.replace(tmp, path)
-        meta_path.write_text(json.dumps(info, indent=2))
-        info["cached"] = False
+        info["cached"] = False  # True: reused from the cache
+        if info["beats_chance"] or settings.shuffle_labels:  # a shuffled-label source is at chance by design
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+            model.save(tmp)
+            os.replace(tmp, path)
+            meta_path.write_text(json.dumps(info, indent=2))
+        else:
+            print(
+                f"warning: the source-cnn base is not clearly better than chance on the held-out source images "
+                f"({100 * info['source_test_accuracy']:.1f}% against {100 * info['chance']:.1f}%, p = "
+                f"{info['chance_p_value']:.2g}): not cached, and its features may be no better than random ones. "
+                "More source images (--source-images 0), more --source-epochs or another --base help."
+            )
     info = dict(info, kind="source-cnn", path=str(path), cut=cut)
-    return Base(SOURCE_CNN, spatial_base(model.get_layer("base"), cut), _identity, tuple(source.input_shape), info)
+    base_model = spatial_base(model.get_layer("base"), cut)
+    return Base(SOURCE_CNN, base_model, _identity, tuple(source.input_shape), info, source_model=model)
 
 
 def spatial_base(bn_cnn_base: keras.Model, cut: str = "block2") -> keras.Model:
@@ -242,28 +366,86 @@ def spatial_base(bn_cnn_base: keras.Model, cut: str = "block2") -> keras.Model:
 
 
 def pretrain_source_cnn(source: data.Dataset, settings: SourceSettings, verbose: int = 2) -> tuple[keras.Model, dict]:
-    """Train ``build_bn_cnn`` on the source classes; returns it and its source test accuracy."""
+    """Train ``build_bn_cnn`` on the source classes; returns it and how it scores on the source test images.
+
+    After training, every BatchNormalization layer's moving statistics are recomputed
+    from the training images (``recalibrate_batchnorm``): a short pretraining leaves them
+    far from the weights' actual statistics at Keras' momentum of 0.99, and the base then
+    scores at chance in inference mode. ``info["beats_chance"]``: the source test accuracy
+    is at least ``CHANCE_MARGIN`` above chance (1 / classes) and a one-sided binomial test
+    rejects chance at ``CHANCE_P_VALUE``.
+    """
+    from scipy.stats import binomtest
+
     keras.utils.set_random_seed(settings.seed)
     x, y = source.x_train, source.y_train
-    if settings.max_images and settings.max_images < len(x):
-        keep = np.random.default_rng(settings.seed).choice(len(x), settings.max_images, replace=False)
-        x, y = x[np.sort(keep)], y[np.sort(keep)]
+    if settings.max_images and settings.max_images < len(x):  # the same number from every class
+        per_class = settings.max_images // source.num_classes
+        what = f"--source-images {settings.max_images}"
+        keep = data.sample_per_class(y, per_class, settings.seed, source.class_names, what=what)
+        x, y = x[keep], y[keep]
+    if settings.shuffle_labels:
+        y = np.random.default_rng(settings.seed).permutation(y)
     model = models.build_bn_cnn(source.input_shape, source.num_classes, width=settings.width, name="source_cnn")
     models.compile_classifier(model, settings.learning_rate)
     start = time.perf_counter()
     train = data.make_pipeline(x, y, settings.batch_size, shuffle=True, seed=settings.seed)
     model.fit(train, epochs=settings.epochs, verbose=verbose)
+    recalibrate_batchnorm(model, x, seed=settings.seed)
     seconds = time.perf_counter() - start
     _, test_accuracy = model.evaluate(data.make_pipeline(source.x_test, source.y_test, 512), verbose=0)
+    n_test, chance = len(source.y_test), 1.0 / source.num_classes
+    p_value = binomtest(round(test_accuracy * n_test), n_test, chance, alternative="greater").pvalue
     info = {
         "source": repr(source),
         "settings": asdict(settings),
         "train_images": len(x),
         "source_test_accuracy": float(test_accuracy),
+        "source_test_images": n_test,
+        "chance": chance,
+        "chance_p_value": float(p_value),
+        "beats_chance": bool(test_accuracy >= chance + CHANCE_MARGIN and p_value < CHANCE_P_VALUE),
         "pretrain_seconds": round(seconds, 1),
     }
-    print(f"source-cnn base: {100 * test_accuracy:.1f}% on the source test images after {seconds:.0f} s")
+    print(f"source-cnn base: {100 * test_accuracy:.1f}% on {n_test} held-out source test images (chance "
+          f"{100 * chance:.1f}%) after {seconds:.0f} s")  # fmt: skip
     return model, info
+
+
+def recalibrate_batchnorm(model: keras.Model, images: np.ndarray, batch_size: int = 256, max_images: int = 4096,
+                          seed: int = 0) -> int:  # fmt: skip
+    """Set every BatchNormalization layer's moving mean and variance to the average over ``images``.
+
+    A pass in training mode with no weight update, as ``torch.optim.swa_utils.update_bn``
+    does: batch ``i`` (from 0) enters the moving statistics with momentum ``i / (i + 1)``,
+    which makes them the plain average of the batch statistics; the momentum is restored
+    afterwards. Uses at most ``max_images`` images, drawn with ``seed``. Returns the
+    number of layers recalibrated.
+    """
+    norms = [layer for layer in _all_layers(model) if isinstance(layer, layers.BatchNormalization)]
+    if not norms:
+        return 0
+    if len(images) > max_images:
+        images = images[np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))]
+    momenta = [layer.momentum for layer in norms]
+    try:
+        for step, start in enumerate(range(0, len(images), batch_size)):
+            for layer in norms:
+                layer.momentum = step / (step + 1)
+            model(images[start : start + batch_size], training=True)  # eager: each call reads the momentum
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+    return len(norms)
+
+
+def _all_layers(model: keras.Model) -> list:
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found += _all_layers(layer)
+    return found
 
 
 # --- Helpers both recipes use -------------------------------------------------------------
@@ -330,3 +512,47 @@ def weight_blocks(model: keras.Model) -> list[list[str]]:
             last = prefix
         blocks[-1].append(layer.name)
     return blocks
+
+
+# --- Candidates of the transferability scores (recipes.choose_source) -----------------------
+
+
+def untrained_source_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 16, cut: str = "block2",
+                         seed: int = 0) -> Base:  # fmt: skip
+    """``build_bn_cnn``'s base cut at ``cut``, with its random initial weights (seeded; no training).
+
+    Reseeds Keras, NumPy and Python's RNGs with ``seed`` (``keras.utils.set_random_seed``).
+    Its BatchNorm layers hold their initial statistics (mean 0, variance 1).
+    """
+    keras.utils.set_random_seed(seed)
+    model = models.build_bn_cnn(input_shape, num_classes, width=width, name="untrained_cnn")
+    info = {"kind": "untrained", "cut": cut, "seed": seed, "width": width}
+    return Base("untrained", spatial_base(model.get_layer("base"), cut), _identity, tuple(input_shape), info)
+
+
+def source_classifier(base: Base) -> keras.Model | None:
+    """The model ``base`` was cut from, up to its outputs over the source classes; None if there is none.
+
+    A ``source-cnn`` base: the pretrained CNN (logits over the source classes). A ``.keras``
+    base cut below its top: the whole saved model, if it ends in one vector of at least 2
+    outputs. Anything else has no source classifier: a keras.applications backbone (built
+    without its top), an untrained network, a ``.keras`` model used whole.
+    """
+    return base.source_model
+
+
+def source_probabilities(classifier: keras.Model, inputs: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """(N, C_s) probabilities over the source classes from ``source_classifier``'s model.
+
+    ``inputs``: prepared images (``Base.prepare``). Outputs that are not already probabilities
+    (non-negative rows summing to 1) are logits and go through a softmax.
+    """
+    from scipy.special import softmax
+
+    outputs = np.concatenate([
+        np.asarray(classifier(inputs[start : start + batch_size], training=False), dtype=np.float64)
+        for start in range(0, len(inputs), batch_size)
+    ])  # fmt: skip
+    if np.all(outputs >= 0) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
+        return outputs
+    return softmax(outputs, axis=1)

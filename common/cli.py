@@ -29,16 +29,20 @@ STRATEGIES = ("default", "mirrored")
 DEBUG_ENV = "RECIPES_DEBUG"
 
 
-def knob(default: Any, help: str) -> Any:
-    """A dataclass field with its default and the help text that ``--help`` shows."""
-    return field(default=default, metadata={"help": help})
+def knob(default: Any, help: str, minimum: float | None = None, maximum: float | None = None) -> Any:
+    """A dataclass field with its default and the help text that ``--help`` shows.
+
+    ``minimum`` / ``maximum`` (inclusive) bound a number: ``RecipeConfig.resolved()`` raises
+    ``InputError`` naming the flag for a value outside them, before anything is loaded.
+    """
+    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum})
 
 
 @dataclass
 class RecipeConfig:
     """Flags that every recipe shares; a recipe's ``Config`` subclasses this."""
 
-    seed: int = knob(0, "Seed for data sampling, weight init and shuffling.")
+    seed: int = knob(0, "Seed for data sampling, weight init and shuffling.", minimum=0)
     out: str = knob("", "Run folder; default runs/<recipe>/<timestamp>.")
     quick: bool = knob(False, "Tiny settings for smoke tests and CI; never overrides a flag you give.")
     strategy: str = knob("default", "tf.distribute strategy: default | mirrored.")
@@ -54,19 +58,27 @@ class RecipeConfig:
 
         ``--quick`` changes only the fields the user did not set: a field given on the
         command line, or set in ``Config(...)`` to something other than its default, keeps
-        its value.
+        its value. A number outside its knob's ``minimum``/``maximum`` is an ``InputError``.
         """
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if not self.quick:
-            return self
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        overrides = {
-            name: value
-            for name, value in self.QUICK.items()
-            if name not in self.given and getattr(self, name) == defaults[name]
-        }
-        return dataclasses.replace(self, **overrides)
+        config = self
+        if self.quick:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            overrides = {
+                name: value
+                for name, value in self.QUICK.items()
+                if name not in self.given and getattr(self, name) == defaults[name]
+            }
+            config = dataclasses.replace(self, **overrides)
+        for f in dataclasses.fields(config):
+            value, low, high = getattr(config, f.name), f.metadata.get("minimum"), f.metadata.get("maximum")
+            flag = "--" + f.name.replace("_", "-")
+            if low is not None and value < low:
+                raise InputError(f"{flag} {value}: must be at least {low}")
+            if high is not None and value > high:
+                raise InputError(f"{flag} {value}: must be at most {high}")
+        return config
 
 
 def _flag_type(annotation: Any) -> Any:
@@ -89,6 +101,11 @@ def build_parser(config_cls: type, description: str | None = None) -> argparse.A
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(hints.get(f.name, f.type))
         help_text = f.metadata.get("help", "")
+        low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if low is not None and high is not None:
+            help_text += f" ({low} to {high})"
+        elif low is not None or high is not None:
+            help_text += f" (at least {low})" if low is not None else f" (at most {high})"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
         else:

@@ -12,14 +12,30 @@ Sources (``load_dataset(name)``):
 - ``digits``: scikit-learn's bundled 8x8 digits (offline).
 - ``mnist``, ``cifar10``: ``keras.datasets`` (online the first time).
 - ``tfds:<name>``: any TensorFlow Datasets name (online the first time).
-- ``folder:<path>``: your images, one sub-folder per class; ``train/`` and ``test/``
-  sub-folders are used as the splits when present, else 20% is held out per class.
+- ``folder:<path>``: your images, one sub-folder per class (classes numbered in the
+  code-point order of the folder names), or split folders ``train/``, ``val/`` (or
+  ``validation/``) and ``test/`` each holding the same class folders. ``train/`` +
+  ``test/``: used as given, a ``val/`` joins the training split (the recipes draw their
+  label budgets, and ``fine_tune`` its validation images, from it; the test split is only
+  scored). ``train/`` + ``val/``: ``val/`` is the test split. No split folders, or
+  ``train/`` alone: 20% of each class is held out for testing, with the seed.
+- ``fashion_mnist_m`` (offline): Fashion-MNIST re-rendered over colour textures generated
+  in code, the way MNIST-M was made from MNIST; a target domain for domain adaptation.
+
+Junk in a folder follows one policy (``read_image_folder``): hidden files and folders
+(``.DS_Store``, ``.ipynb_checkpoints``, ``__MACOSX``) are ignored; files of another format
+(``IMAGE_EXTENSIONS``: .bmp .gif .jpeg .jpg .png) and files that do not decode (empty,
+truncated, an HTML page named .png) are skipped, and the run prints how many and the
+first few paths. A class folder left with no image, or with too few for the split, is an
+``InputError`` naming it, before any training. A corrupt Fashion-MNIST file is an error
+naming the file.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +43,7 @@ import numpy as np
 
 from common.errors import InputError, MissingInputError
 
-BUILTIN_DATASETS = ("fashion_mnist", "digits", "mnist", "cifar10")
+BUILTIN_DATASETS = ("fashion_mnist", "fashion_mnist_m", "digits", "mnist", "cifar10")
 PREFIXED_DATASETS = ("tfds:<name>", "folder:<path>")
 DATA_DIR_ENV = "RECIPES_DATA_DIR"
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # package dataset-fashion-mnist
@@ -74,12 +90,16 @@ def load_dataset(name: str = "fashion_mnist", image_size: int | None = None, see
     """Load a named source (see the module docstring); ``image_size`` resizes tfds/folder images."""
     if name == "fashion_mnist":
         return _load_fashion_mnist()
+    if name == "fashion_mnist_m":
+        return load_fashion_mnist_m()
     if name == "digits":
         return _load_digits(seed)
     if name in ("mnist", "cifar10"):
         return _load_keras_dataset(name)
     if name.startswith("tfds:"):
         return _load_tfds(name.removeprefix("tfds:"), image_size, seed)
+    if image_size is not None and image_size < 1:
+        raise InputError(f"--image-size {image_size}: the image side must be a positive number of pixels")
     if name.startswith("folder:"):
         return _load_folder(Path(name.removeprefix("folder:")), image_size or 64, seed)
     choices = ", ".join(BUILTIN_DATASETS + PREFIXED_DATASETS)
@@ -109,11 +129,23 @@ def find_fashion_mnist() -> Path | None:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped IDX file (the MNIST family's format) into a uint8 array."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
+    """Read a gzipped IDX file (the MNIST family's format) into a uint8 array.
+
+    Raises ``InputError`` naming the file if it is not gzip, not IDX, or shorter than its
+    header says (an interrupted download).
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{path} is not a readable gzip file ({type(error).__name__}: {error})") from error
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise InputError(f"{path} is not an IDX file of unsigned bytes (it starts with {data[:4]!r})")
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(data) != expected:
+        raise InputError(f"{path} holds {len(data)} bytes but its header {shape} needs {expected}: a damaged copy")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -153,6 +185,108 @@ def _as_images(pixels: np.ndarray, scale: float = 255.0) -> np.ndarray:
     """uint8 (N, H, W[, C]) -> float32 (N, H, W, C) in [0, 1]."""
     images = pixels.astype(np.float32) / scale
     return images[..., None] if images.ndim == 3 else images
+
+
+# --- Fashion-MNIST-M: a target domain generated in code -----------------------------
+
+FASHION_MNIST_M_SEED = 0  # the rendering seed of the `fashion_mnist_m` dataset (fixed, like MNIST-M's)
+FASHION_MNIST_M_BRIGHTNESS = 0.5  # textures in [0, 0.5]: see make_fashion_mnist_m
+TEXTURE_KINDS = ("smoothed_noise", "stripes", "gradient")
+
+
+def make_textures(count: int, size: int = 64, seed: int = 0, brightness: float = 1.0) -> np.ndarray:
+    """``count`` random colour textures, float32 (count, size, size, 3) in [0, brightness], deterministic per seed.
+
+    Each texture mixes two layers, each one of ``TEXTURE_KINDS`` with random colours:
+    Gaussian-smoothed RGB noise (scipy.ndimage), sine stripes at a random angle and period,
+    or a linear colour gradient. They stand in for the BSDS500 photo crops of MNIST-M.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+    def layer() -> np.ndarray:
+        kind = TEXTURE_KINDS[rng.integers(len(TEXTURE_KINDS))]
+        low, high = rng.random(3, dtype=np.float32), rng.random(3, dtype=np.float32)
+        if kind == "smoothed_noise":
+            noise = gaussian_filter(
+                rng.random((size, size, 3), dtype=np.float32), sigma=(rng.uniform(2, 6),) * 2 + (0,)
+            )
+            noise = (noise - noise.min()) / (np.ptp(noise) + 1e-6)
+            return low + (high - low) * noise
+        angle = rng.uniform(0, np.pi)
+        position = np.cos(angle) * cols + np.sin(angle) * rows  # 0..~1.4 along the direction
+        if kind == "stripes":
+            wave = 0.5 + 0.5 * np.sin(2 * np.pi * position * size / rng.uniform(8, 24) + rng.uniform(0, 2 * np.pi))
+            return low + (high - low) * wave[..., None]
+        ramp = (position - position.min()) / np.ptp(position)  # gradient
+        return low + (high - low) * ramp[..., None]
+
+    textures = np.empty((count, size, size, 3), dtype=np.float32)
+    for i in range(count):
+        weight = rng.uniform(0.4, 1.0)
+        textures[i] = weight * layer() + (1 - weight) * layer()
+    return brightness * np.clip(textures, 0.0, 1.0)
+
+
+def blend_with_textures(images: np.ndarray, textures: np.ndarray, seed: int) -> np.ndarray:
+    """MNIST-M's rendering (Ganin et al. 2016, section 5.2.2): ``|patch - image|`` per channel.
+
+    ``images``: grey float (N, H, W, 1) in [0, 1]; ``textures``: (T, S, S, 3) with S >= H, W.
+    Every image gets a random texture and a random H x W crop of it, drawn with ``seed``.
+    Returns float32 (N, H, W, 3) in [0, 1]: the background (0) shows the texture, a white
+    object (1) its colour-inverted texture.
+    """
+    count, height, width = images.shape[:3]
+    size = textures.shape[1]
+    if images.shape[-1] != 1 or size < max(height, width):
+        raise InputError(f"need grey images no larger than the {size}px textures, got shape {images.shape[1:]}")
+    rng = np.random.default_rng(seed)
+    which = rng.integers(len(textures), size=count)
+    top = rng.integers(size - height + 1, size=count)
+    left = rng.integers(size - width + 1, size=count)
+    out = np.empty((count, height, width, 3), dtype=np.float32)
+    for start in range(0, count, 4096):  # in chunks: the temporaries stay small (and fast)
+        end = start + 4096
+        rows = top[start:end, None, None] + np.arange(height)[None, :, None]
+        cols = left[start:end, None, None] + np.arange(width)[None, None, :]
+        patches = textures[which[start:end, None, None], rows, cols]  # (chunk, H, W, 3)
+        np.abs(np.subtract(patches, images[start:end], out=patches), out=out[start:end])
+    return out
+
+
+def make_fashion_mnist_m(source: Dataset, seed: int = FASHION_MNIST_M_SEED, num_textures: int = 200,
+                         brightness: float = FASHION_MNIST_M_BRIGHTNESS) -> Dataset:  # fmt: skip
+    """``source`` (grey Fashion-MNIST) re-rendered over ``num_textures`` generated colour textures.
+
+    Deterministic per ``seed``: the texture bank and every image's crop follow from it.
+    Train and test images draw their crops independently from the same bank, as MNIST-M
+    did. Labels and class names are the source's. Textures are dimmed to at most
+    ``brightness``: Fashion-MNIST's garments are large bright areas, not MNIST's thin strokes,
+    and over full-brightness textures a CNN trained on the grey images is at chance on the
+    rendered ones (measured: 8-11% for four small CNNs), which leaves nothing to adapt from;
+    at 0.5 the same training reaches about 45% (docs/domain_adaptation_experiments.md).
+    """
+    textures = make_textures(num_textures, seed=seed, brightness=brightness)
+    train_seed, test_seed = np.random.default_rng(seed).integers(2**31, size=2)
+    return Dataset(
+        name="fashion_mnist_m",
+        x_train=blend_with_textures(source.x_train, textures, int(train_seed)),
+        y_train=source.y_train,
+        x_test=blend_with_textures(source.x_test, textures, int(test_seed)),
+        y_test=source.y_test,
+        class_names=list(source.class_names),
+    )
+
+
+def load_fashion_mnist_m() -> Dataset:
+    """The ``fashion_mnist_m`` dataset: Fashion-MNIST rendered with ``FASHION_MNIST_M_SEED``.
+
+    Like MNIST-M it is one fixed dataset: every run and every recipe seed sees the same
+    target images (60,000 + 10,000, RGB 28x28, about 660 MB as float32).
+    """
+    return make_fashion_mnist_m(_load_fashion_mnist(), FASHION_MNIST_M_SEED)
 
 
 # --- Other sources ------------------------------------------------------------------
@@ -212,7 +346,7 @@ def _load_tfds(name: str, image_size: int | None, seed: int) -> Dataset:
         x_test, y_test = as_arrays("test")
     else:  # one split only (tf_flowers, cats_vs_dogs): hold out 20% per class
         x, y = as_arrays("train" if "train" in splits else splits[0])
-        train, test = holdout_split(y, 0.2, seed)
+        train, test = holdout_split(y, 0.2, seed, list(names))
         x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
     return Dataset(f"tfds:{name}", x_train, y_train, x_test, y_test, list(names))
 
@@ -240,32 +374,242 @@ def _resize(image, size: int):
     return tf.cast(tf.image.resize(image, (size, size)), tf.uint8) if image.shape[0] != size else image
 
 
+# --- Your own images: folder:<path> ---------------------------------------------------
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+SPLIT_FOLDERS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+IGNORED_FOLDERS = ("__MACOSX",)  # what macOS adds to zip archives
+SHOWN_SKIPPED = 5  # undecodable files listed by path; the rest are counted
+EXPECTED_LAYOUT = (
+    "one sub-folder per class (photos/cat/*.jpg, photos/dog/*.jpg), or split folders train/ and test/ "
+    "(or val/) each holding the same class folders"
+)
+
+
+@dataclass
+class ImageFolder:
+    """What ``read_image_folder`` read from one folder of class folders.
+
+    ``images``: uint8 (N, size, size, 3); ``labels``: int64 (N,), the index of the class
+    folder in ``class_names`` (code-point order); ``skipped``: (path, reason) of every file
+    that was not read, hidden files excepted.
+    """
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    skipped: list[tuple[Path, str]]
+
+    def class_folder(self, label: int) -> Path:
+        return self.path / self.class_names[label]
+
+
+def _visible(entry: Path) -> bool:
+    return not entry.name.startswith(".") and entry.name not in IGNORED_FOLDERS
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return sorted((d for d in path.iterdir() if d.is_dir() and _visible(d)), key=lambda d: d.name)
+
+
 def _load_folder(path: Path, image_size: int, seed: int) -> Dataset:
+    """``folder:<path>``: class folders, or train/ (+ val/) (+ test/) split folders of class folders.
+
+    Splits: ``train/`` + ``test/``: as given, and a ``val/`` (or ``validation/``) folder is
+    added to the training images (the recipes draw their label budgets, and ``fine_tune``
+    its validation images, from the training split; the test split is only ever scored).
+    ``train/`` + ``val/`` and no ``test/``: ``val/`` is the test split. Class folders only
+    (or ``train/`` alone): 20% of each class is held out for testing, with ``seed``.
+    """
+    if path.is_file():
+        raise InputError(f"image folder {str(path)!r} is a file; give a folder (unpack an archive first)")
     if not path.is_dir():
         raise MissingInputError(f"image folder {str(path)!r} does not exist")
-    if (path / "train").is_dir() and (path / "test").is_dir():
-        x_train, y_train, names = _read_image_folder(path / "train", image_size)
-        x_test, y_test, test_names = _read_image_folder(path / "test", image_size)
-        if test_names != names:
-            raise InputError(f"{path}/train has classes {names} but {path}/test has {test_names}")
-    else:
-        x, y, names = _read_image_folder(path, image_size)
-        train, test = holdout_split(y, 0.2, seed)
+    splits = _split_folders(path)
+    if not splits or list(splits) == ["train"]:
+        folder = read_image_folder(splits.get("train", path), image_size)
+        for label, count in enumerate(np.bincount(folder.labels, minlength=len(folder.class_names))):
+            if count < 2:
+                raise InputError(
+                    f"class folder {str(folder.class_folder(label))!r} has {count} readable image; holding out "
+                    "20% of each class for testing needs at least 2 per class (or give train/ and test/ folders)"
+                )
+        train, test = holdout_split(folder.labels, 0.2, seed, folder.class_names)
+        x, y, names = _as_images(folder.images), folder.labels, folder.class_names
         x_train, y_train, x_test, y_test = x[train], y[train], x[test], y[test]
+        layout = f"class folders of {folder.path.name}/, 20% of each class held out for testing (seed {seed})"
+        read = [folder]
+    else:
+        read = [read_image_folder(folder, image_size) for folder in splits.values()]
+        by_role = dict(zip(splits, read))
+        names = by_role["train"].class_names
+        for role, folder in by_role.items():
+            if folder.class_names != names:
+                only_train = sorted(set(names) - set(folder.class_names))
+                only_here = sorted(set(folder.class_names) - set(names))
+                raise InputError(
+                    f"{splits['train']} and {splits[role]} must hold the same class folders; only in "
+                    f"{splits['train'].name}/: {only_train}, only in {splits[role].name}/: {only_here}"
+                )
+        test_role = "test" if "test" in by_role else "val"
+        train_parts = [folder for role, folder in by_role.items() if role != test_role]
+        x_train = _as_images(np.concatenate([folder.images for folder in train_parts]))
+        y_train = np.concatenate([folder.labels for folder in train_parts])
+        x_test, y_test = _as_images(by_role[test_role].images), by_role[test_role].labels
+        layout = " + ".join(f"{splits[role].name}/" for role in by_role if role != test_role)
+        layout = f"training split from {layout}, test split from {splits[test_role].name}/"
+    _report_skipped(read)
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    print(f"folder:{path}: {layout}; {len(x_train)} training and {len(x_test)} test images; classes in "
+          f"code-point order of the folder names: {shown}")  # fmt: skip
     return Dataset(f"folder:{path}", x_train, y_train, x_test, y_test, names)
 
 
-def _read_image_folder(path: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    import keras
+def _split_folders(path: Path) -> dict[str, Path]:
+    """{"train": path/train, "val": ..., "test": ...} for the split folders present; {} if none."""
+    found: dict[str, Path] = {}
+    subfolders = _subfolders(path)
+    for folder in subfolders:
+        for role, spellings in SPLIT_FOLDERS.items():
+            if folder.name.lower() in spellings:
+                if role in found:
+                    raise InputError(f"{path} has two {role} folders, {found[role].name}/ and {folder.name}/")
+                found[role] = folder
+    if not found:
+        return {}
+    others = [folder.name for folder in subfolders if folder not in found.values()]
+    if others or "train" not in found:
+        problem = f"also holds {others}" if others else "has no train/ folder"
+        raise InputError(
+            f"image folder {str(path)!r} has split folders {[f.name for f in found.values()]} but {problem}; "
+            f"expected {EXPECTED_LAYOUT}"
+        )
+    return {role: found[role] for role in SPLIT_FOLDERS if role in found}
 
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir())
-    if len(classes) < 2:
-        raise InputError(f"image folder {str(path)!r} needs one sub-folder per class, at least 2; found {classes}")
-    ds = keras.utils.image_dataset_from_directory(
-        path, image_size=(image_size, image_size), batch_size=None, shuffle=False, verbose=False
-    )
-    images, labels = zip(*ds.as_numpy_iterator())
-    return np.stack(images) / np.float32(255.0), np.asarray(labels, dtype=np.int64), list(ds.class_names)
+
+def read_image_folder(path: Path, image_size: int) -> ImageFolder:
+    """Every readable image under ``path``'s class folders, resized to ``image_size`` square, as RGB.
+
+    Class folders are ``path``'s sub-folders, numbered in the code-point order of their
+    names (Python's ``sorted``, as ``keras.utils.image_dataset_from_directory`` does:
+    ``Zebra`` before ``apple`` before ``Äpfel``); hidden ones (``.name``) and ``__MACOSX``
+    are ignored. Images are read with Pillow from anywhere below a class folder, in the
+    formats of ``IMAGE_EXTENSIONS`` (any mode: 1-bit, palette, grey, 16-bit grey, RGBA, CMYK).
+
+    The policy for files that cannot be used: hidden files are ignored, other formats and
+    files that do not decode (empty, truncated, not an image) are skipped, and
+    ``_load_folder`` prints how many and the first few paths with the reason. Raises
+    ``InputError`` for fewer than two class folders, or a class folder left with no image,
+    naming it, what was skipped and the supported formats.
+    """
+    class_folders = _subfolders(path)
+    if len(class_folders) < 2:
+        raise InputError(
+            f"image folder {str(path)!r} needs at least 2 class folders: {EXPECTED_LAYOUT}; "
+            f"{_describe(path, class_folders)}"
+        )
+    files, labels, skipped = [], [], []
+    hidden_in_class = []
+    for label, folder in enumerate(class_folders):
+        hidden = 0
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if _visible(Path(d)))
+            for name in sorted(names):
+                file = Path(root) / name
+                if name.startswith("."):
+                    hidden += 1
+                elif file.suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped.append((file, f"unsupported format {file.suffix.lower() or 'without extension'}"))
+                else:
+                    files.append(file)
+                    labels.append(label)
+        hidden_in_class.append(hidden)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        decoded = list(pool.map(lambda file: _read_image_or_reason(file, image_size), files))
+    keep = [i for i, image in enumerate(decoded) if not isinstance(image, str)]
+    skipped += [(files[i], decoded[i]) for i, image in enumerate(decoded) if isinstance(image, str)]
+    labels = np.asarray(labels, dtype=np.int64)[keep]
+    counts = np.bincount(labels, minlength=len(class_folders))
+    for label, folder in enumerate(class_folders):
+        if counts[label] == 0:
+            mine = [(file, reason) for file, reason in skipped if folder in file.parents]
+            broken = [f"; e.g. {file}: {reason}" for file, reason in mine if reason.startswith(("empty", "cannot"))]
+            raise InputError(
+                f"class folder {str(folder)!r} has no image that can be read: "
+                f"{_count_reasons([reason for _, reason in mine], hidden_in_class[label])}; supported formats: "
+                f"{', '.join(IMAGE_EXTENSIONS)}{broken[0] if broken else ''}"
+            )
+    images = np.stack([decoded[i] for i in keep])
+    return ImageFolder(path, images, labels, [folder.name for folder in class_folders], skipped)
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """One image file -> uint8 RGB array (size, size, 3), resized bilinearly (aspect ratio not kept).
+
+    Any Pillow mode: 16-bit grey is scaled to 8 bits, palette and alpha images are
+    flattened (alpha dropped, as Keras does), a GIF gives its first frame. Raises Pillow's
+    ``OSError`` (``UnidentifiedImageError``, truncated file) for a file that does not decode.
+    """
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the file is much larger
+        image.load()
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey PNG
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8))
+        elif image.mode in ("P", "PA"):
+            image = image.convert("RGBA")
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+
+
+def _read_image_or_reason(path: Path, size: int) -> np.ndarray | str:
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        return read_image(path, size)
+    except Exception as error:  # Pillow raises OSError, ValueError, SyntaxError... for broken files
+        return f"cannot be read ({type(error).__name__}: {str(error).replace(str(path), path.name)})"
+
+
+def _count_reasons(reasons: list[str], hidden: int = 0) -> str:
+    """Counts by reason, e.g. "skipped 3 files (unsupported format .tif: 2, hidden: 1)"."""
+    kinds: dict[str, int] = {}
+    for reason in reasons:
+        kind = reason.split(" (")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if hidden:
+        kinds["hidden"] = hidden
+    total = sum(kinds.values())
+    if not total:
+        return "it holds no file"
+    return f"skipped {total} file{'s' * (total > 1)} (" + ", ".join(f"{kind}: {n}" for kind, n in kinds.items()) + ")"
+
+
+def _report_skipped(folders: list[ImageFolder]) -> None:
+    """Print what was skipped: counts by reason, and the first few undecodable files by path."""
+    skipped = [item for folder in folders for item in folder.skipped]
+    if not skipped:
+        return
+    print(f"warning: {_count_reasons([reason for _, reason in skipped])}; supported formats: "
+          f"{', '.join(IMAGE_EXTENSIONS)}")  # fmt: skip
+    broken = [(file, reason) for file, reason in skipped if reason.startswith(("empty", "cannot"))]
+    for file, reason in broken[:SHOWN_SKIPPED]:
+        print(f"  skipped {file}: {reason}")
+    if len(broken) > SHOWN_SKIPPED:
+        print(f"  ... and {len(broken) - SHOWN_SKIPPED} more files that cannot be read")
+
+
+def _describe(path: Path, class_folders: list[Path]) -> str:
+    """What ``path`` holds instead of class folders, with a hint when the classes sit one level down."""
+    loose = [f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    found = f"found sub-folders {[f.name for f in class_folders]}" if class_folders else "found no sub-folder"
+    if loose:
+        found += f" and {len(loose)} image files directly in it (put each class's images in a sub-folder)"
+    if len(class_folders) == 1 and len(_subfolders(class_folders[0])) >= 2:
+        found += f"; did you mean folder:{class_folders[0]}?"
+    return found
 
 
 # --- Class splits and label budgets --------------------------------------------------
@@ -316,30 +660,67 @@ def select_classes(dataset: Dataset, classes: list[int]) -> Dataset:
     x_train, y_train = subset(dataset.x_train, dataset.y_train)
     x_test, y_test = subset(dataset.x_test, dataset.y_test)
     names = [dataset.class_names[c] for c in classes]
+    for split, y in (("training", y_train), ("test", y_test)):
+        empty = [classes[i] for i, n in enumerate(np.bincount(y, minlength=len(classes))) if n == 0]
+        if empty:
+            raise InputError(
+                f"class {empty[0]} ({dataset.class_names[empty[0]]!r}) of {dataset.name} has no {split} images"
+            )
     return Dataset(dataset.name, x_train, y_train, x_test, y_test, names)
 
 
-def sample_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Indices of ``per_class`` examples of every class, drawn with ``seed`` (stratified)."""
+def check_per_class(labels: np.ndarray, per_class: int, class_names: list[str] | None = None, what: str = "") -> None:
+    """Raise ``InputError`` unless every class has at least ``per_class`` examples (and ``per_class`` >= 1).
+
+    ``class_names`` lists every class, so that one without any example is caught too
+    (without it, the classes are those present in ``labels``). ``what`` is what set the
+    number, named in the error: the flag and its value, e.g. ``"--labels-per-class 20"``.
+    """
+    what = what or "the label budget"
     if per_class < 1:
-        raise InputError(f"label budget must be at least 1 per class, got {per_class}")
+        raise InputError(f"{what} gives {per_class} images per class; at least 1 is needed")
+    classes = range(len(class_names)) if class_names is not None else np.unique(labels)
+    counts = np.bincount(labels, minlength=len(classes)) if len(labels) else np.zeros(len(classes), int)
+    for c in classes:
+        if counts[c] < per_class:
+            name = f" ({class_names[c]!r})" if class_names is not None else ""
+            raise InputError(f"{what} needs {per_class} images per class, but class {c}{name} has only {counts[c]}")
+
+
+def sample_per_class(labels: np.ndarray, per_class: int, seed: int, class_names: list[str] | None = None,
+                     what: str = "") -> np.ndarray:  # fmt: skip
+    """Indices of ``per_class`` examples of every class, drawn with ``seed`` (stratified).
+
+    Errors as ``check_per_class`` (``class_names`` and ``what`` make them name the class
+    and the flag).
+    """
+    check_per_class(labels, per_class, class_names, what)
+    classes = range(len(class_names)) if class_names is not None else np.unique(labels)
     rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        if per_class > len(members):
-            raise InputError(f"label budget {per_class} per class is larger than class {c}, which has {len(members)}")
-        picked.append(rng.choice(members, per_class, replace=False))
+    picked = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in classes]
     return np.sort(np.concatenate(picked))
 
 
-def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (train, held-out) index arrays, ``fraction`` of each class held out."""
+def holdout_split(labels: np.ndarray, fraction: float, seed: int,
+                  class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Stratified (train, held-out) index arrays, ``fraction`` of each class held out.
+
+    Every class needs at least 2 examples (one to train on, one to test on), else
+    ``InputError``; ``class_names`` lists every class, so that one without any example is
+    caught too.
+    """
+    classes = range(len(class_names)) if class_names is not None else np.unique(labels)
     rng = np.random.default_rng(seed)
     train, held = [], []
-    for c in np.unique(labels):
+    for c in classes:
         members = rng.permutation(np.flatnonzero(labels == c))
-        n_held = max(1, round(len(members) * fraction)) if len(members) > 1 else 0
+        if len(members) < 2:
+            name = f" ({class_names[c]!r})" if class_names is not None else ""
+            raise InputError(
+                f"class {c}{name} has {len(members)} example(s); holding out {fraction:.0%} of each class for "
+                "testing needs at least 2 per class"
+            )
+        n_held = min(max(1, round(len(members) * fraction)), len(members) - 1)
         held.append(members[:n_held])
         train.append(members[n_held:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))
@@ -368,6 +749,22 @@ def to_input_shape(images: np.ndarray, shape: tuple[int, int, int], batch_size: 
             batch = tf.image.rgb_to_grayscale(batch)
         out[start : start + batch_size] = batch.numpy()
     return out
+
+
+def check_same_classes(source: Dataset, target: Dataset) -> None:
+    """``InputError`` unless two datasets name the same classes in the same order (e.g. two domains).
+
+    The message lists the class names found in only one of them, or both orders when the
+    names are the same.
+    """
+    if source.class_names == target.class_names:
+        return
+    only_source = sorted(set(source.class_names) - set(target.class_names))
+    only_target = sorted(set(target.class_names) - set(source.class_names))
+    detail = f"only in the source: {only_source}; only in the target: {only_target}"
+    if not only_source and not only_target:
+        detail = f"the same names in another order: {source.class_names} vs {target.class_names}"
+    raise InputError(f"source {source.name!r} and target {target.name!r} must have the same classes; {detail}")
 
 
 def make_pipeline(
@@ -400,3 +797,24 @@ def make_pipeline(
                 lambda images, labels: (augment(images, training=True), labels), num_parallel_calls=tf.data.AUTOTUNE
             )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def paired_pipeline(x: np.ndarray, y: np.ndarray, x_other: np.ndarray, batch_size: int, seed: int = 0):
+    """Endless full batches of ``((x, y), x_other)``: labelled images beside unlabelled ones.
+
+    Each side is shuffled on its own (seeds ``seed`` and ``seed + 1``) and repeats on its
+    own, so the two may differ in size; every batch holds ``batch_size`` of each: a pair
+    with an epoch's short last batch is skipped, and a side smaller than a batch repeats
+    within one. Used by DANN (source images with labels, target images without).
+    """
+    import tensorflow as tf
+
+    def endless(images, labels, side_seed: int):
+        if len(images) < batch_size:
+            ds = tf.data.Dataset.from_tensor_slices((images, labels) if labels is not None else images).cache()
+            return ds.shuffle(len(images), seed=side_seed, reshuffle_each_iteration=True).repeat().batch(batch_size)
+        return make_pipeline(images, labels, batch_size, shuffle=True, seed=side_seed).repeat()
+
+    return tf.data.Dataset.zip(endless(x, y, seed), endless(x_other, None, seed + 1)).filter(
+        lambda a, b: tf.logical_and(tf.shape(a[0])[0] == batch_size, tf.shape(b)[0] == batch_size)
+    )

@@ -129,10 +129,17 @@ def comparison_table(record: dict) -> str:
 # --- Plots ------------------------------------------------------------------------
 
 
+def _in_jupyter_kernel() -> bool:
+    """Running inside a Jupyter (IPython) kernel; ``ipykernel`` merely imported (nbclient does) does not count."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def _pyplot():
     import matplotlib
 
-    if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
+    if not os.environ.get("MPLBACKEND") and not _in_jupyter_kernel():
         matplotlib.use("Agg")  # no screen needed when running from a terminal or CI
     import matplotlib.pyplot as plt
 
@@ -278,9 +285,108 @@ def write_run(run_dir: Path, config, record: dict, histories: dict[str, dict] | 
     write_history_csv(run_dir / "history.csv", histories or {})
     for stem, figure in (figures or {}).items():
         figure.savefig(run_dir / f"{stem}.png", dpi=110)
-        if "ipykernel" not in sys.modules:  # in Jupyter the figure stays open to be shown inline
+        if not _in_jupyter_kernel():  # in Jupyter the figure stays open to be shown inline
             _pyplot().close(figure)
     if model is not None:
         model.save(run_dir / "model.keras")
     write_json_atomic(run_dir / "metrics.json", record)
     return run_dir
+
+
+# --- Added for recipes.choose_source ----------------------------------------------------
+
+
+def text_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of strings as left-aligned columns, the first row the header, a dashed rule under it."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plot_labelled_scatter(points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str = "",
+                          reference: tuple[str, float] | None = None):  # fmt: skip
+    """One point per name at ``(x, y)``, labelled; ``reference`` = (label, y) draws a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in points.items():
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.ticklabel_format(axis="x", useOffset=False)  # nearly equal scores: their values, not an offset
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# --- Domain adaptation: how far apart two domains are in a feature space -----------
+
+
+def gap_closed(accuracy: float, baseline: float, ceiling: float) -> float:
+    """Share of the baseline-to-ceiling gap an accuracy closes: 0 = the baseline, 1 = the ceiling (nan if equal).
+
+    E.g. domain adaptation: baseline = source only, ceiling = trained on target labels.
+    """
+    return (accuracy - baseline) / (ceiling - baseline) if ceiling != baseline else float("nan")
+
+
+def proxy_a_distance(source_features: np.ndarray, target_features: np.ndarray, seed: int = 0,
+                     max_per_domain: int = 2000) -> dict:  # fmt: skip
+    """Proxy A-distance ``2 (1 - 2 err)`` between two sets of features (Ben-David et al. 2007).
+
+    ``err`` is the test error of a linear domain classifier (scikit-learn
+    ``LinearSVC`` on standardised features, as in Ganin et al. 2016, section 5.2.4) trained
+    to tell source from target on half of the examples and tested on the other half. Up to
+    ``max_per_domain`` feature vectors (N, D) of each domain are used, as many from each,
+    drawn with ``seed``. 2.0: the domains are perfectly separable; 0: a coin flip
+    (negative values, slightly worse than chance, are reported as they are).
+    Returns ``{"proxy_a_distance", "domain_error"}``.
+    """
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(seed)
+    n = min(len(source_features), len(target_features), max_per_domain)
+    source = np.asarray(source_features)[rng.choice(len(source_features), n, replace=False)]
+    target = np.asarray(target_features)[rng.choice(len(target_features), n, replace=False)]
+    x = np.concatenate([source, target]).reshape(2 * n, -1)
+    domain = np.concatenate([np.zeros(n), np.ones(n)])
+    x_fit, x_held, d_fit, d_held = train_test_split(x, domain, test_size=0.5, stratify=domain, random_state=seed)
+    classifier = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=5000, random_state=seed))
+    classifier.fit(x_fit, d_fit)
+    error = float(np.mean(classifier.predict(x_held) != d_held))
+    return {"proxy_a_distance": 2.0 * (1.0 - 2.0 * error), "domain_error": error}
+
+
+def plot_feature_projection(panels: dict[str, tuple[np.ndarray, np.ndarray]], method: str = "pca", seed: int = 0,
+                            labels: tuple[str, str] = ("source", "target")):  # fmt: skip
+    """Side-by-side 2-D projections of source and target features, one panel per model.
+
+    ``panels`` maps a title (e.g. "source_only", "dann") to (source_features, target_features),
+    arrays (N, D). ``method``: ``"pca"`` (scikit-learn PCA, fitted per panel on both domains)
+    or ``"tsne"`` (scikit-learn TSNE, slower). Overlapping clouds mean aligned domains.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"unknown projection {method!r}; choose pca or tsne")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (title, (source, target)) in zip(axes[0], panels.items()):
+        both = np.concatenate([source, target]).reshape(len(source) + len(target), -1)
+        if method == "pca":
+            points = PCA(n_components=2, random_state=seed).fit_transform(both)
+        else:
+            points = TSNE(n_components=2, init="pca", random_state=seed).fit_transform(both)
+        ax.scatter(*points[: len(source)].T, s=4, alpha=0.5, label=labels[0])
+        ax.scatter(*points[len(source) :].T, s=4, alpha=0.5, label=labels[1])
+        ax.set(title=title, xticks=[], yticks=[])
+        ax.legend(fontsize=8, markerscale=3)
+    fig.suptitle(f"features of the two domains ({method.upper()})")
+    fig.tight_layout()
+    return fig

@@ -13,6 +13,7 @@ import keras
 from keras import layers
 
 from common.errors import InputError, MissingInputError
+from common.evaluation import EpochTimer
 
 # keras.applications backbones: constructor, its own preprocess_input, and the smallest
 # input side it accepts (Keras checks this when weights are loaded; smaller inputs
@@ -26,11 +27,24 @@ BACKBONES = {
 }
 
 
+def check_image_side(input_shape: tuple[int, ...], minimum: int, what: str) -> None:
+    """``InputError`` if images of ``input_shape`` (H, W, C) are smaller than ``minimum`` on a side."""
+    height, width = input_shape[:2]
+    if min(height, width) < minimum:
+        raise InputError(
+            f"{what} needs images of at least {minimum}x{minimum} pixels, got {height}x{width} "
+            "(--image-size resizes tfds: and folder: images)"
+        )
+
+
 def build_cnn(input_shape: tuple[int, int, int], num_classes: int, name: str = "cnn") -> keras.Model:
     """The seed recipe's CNN: Conv32-Pool-Conv64-Pool-Conv64, Dense64, logits.
 
     Layers are named, so two models from this builder line up for ``copy_weights``.
+    Raises ``InputError`` for images smaller than 18x18 (three valid 3x3 convolutions and
+    two poolings leave nothing).
     """
+    check_image_side(input_shape, 18, "the CNN (three 3x3 convolutions, two 2x2 poolings)")
     return keras.Sequential(
         [
             keras.Input(input_shape),
@@ -54,7 +68,9 @@ def build_bn_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int
     Three blocks of (Conv-BN-ReLU) x2 + max-pool, widths ``width``, 2x, 4x, then global
     average pooling, dropout and the classifier. The backbone is the sub-model named
     ``"base"`` (``model.get_layer("base")``), so it can be frozen or reused as a unit.
+    Raises ``InputError`` for images smaller than 8x8 (three 2x2 poolings).
     """
+    check_image_side(input_shape, 8, "the BatchNorm CNN (three 2x2 poolings)")
     inputs = keras.Input(input_shape)
     x = inputs
     for block, filters in enumerate((width, 2 * width, 4 * width), start=1):
@@ -143,6 +159,27 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | 
     return base
 
 
+def load_saved_model(path: str, flag: str = "--base") -> keras.Model:
+    """A model saved with ``model.save`` (``.keras``, or a legacy ``.h5``), for the flag ``flag``.
+
+    Raises ``MissingInputError`` if ``path`` does not exist and ``InputError`` naming the flag
+    and the path if it is not a Keras model (a damaged or foreign file, custom layers that
+    are not importable, a ``Lambda`` layer that Keras' safe mode refuses).
+    """
+    if not Path(path).is_file():
+        raise MissingInputError(f"{flag} {path!r}: no such model file")
+    try:
+        loaded = keras.models.load_model(path, compile=False)
+    except Exception as error:  # zipfile, h5py, JSON and deserialisation errors all mean "cannot use this file"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InputError(
+            f"{flag} {path!r} is not a Keras model that loads here ({type(error).__name__}: {reason})"
+        ) from error
+    if not isinstance(loaded, keras.Model):
+        raise InputError(f"{flag} {path!r} holds a {type(loaded).__name__}, not a Keras model")
+    return loaded
+
+
 def backbone_preprocess(name: str):
     """The backbone's own ``preprocess_input``, taking images in [0, 1] (ours) not [0, 255]."""
     preprocess = BACKBONES[name][1]
@@ -162,6 +199,19 @@ def compile_classifier(model: keras.Model, learning_rate: float = 1e-3, steps_pe
         steps_per_execution=steps_per_execution,
     )
     return model
+
+
+def fit_steps(model: keras.Model, pipeline, steps: int, chunks: int = 10) -> dict:
+    """Train ``steps`` steps on a pipeline that repeats, logged as ``chunks`` "epochs" of steps // chunks.
+
+    ``model`` is compiled; ``pipeline`` a ``tf.data.Dataset`` (repeated here). Returns
+    ``history.history`` with ``epoch_seconds`` (``evaluation.EpochTimer``). For training
+    budgets counted in steps rather than passes over the data.
+    """
+    chunks = max(1, min(chunks, steps))
+    history = model.fit(pipeline.repeat(), epochs=chunks, steps_per_epoch=steps // chunks, verbose=0,
+                        callbacks=[EpochTimer()])  # fmt: skip
+    return history.history
 
 
 # --- Weight copy ------------------------------------------------------------------
@@ -238,3 +288,87 @@ def unfreeze_top(base: keras.Model, num_layers: int) -> list[str]:
         if layer.trainable and layer.weights:
             unfrozen.append(layer.name)
     return unfrozen
+
+
+# --- Domain adaptation ------------------------------------------------------------
+
+
+def build_dann_cnn(input_shape: tuple[int, int, int], num_classes: int, bn_momentum: float = 0.9,
+                   dropout: float = 0.0, name: str = "dann_cnn") -> keras.Model:  # fmt: skip
+    """The digit-sized CNN of Ganin et al. 2016 (DANN, MNIST experiments), with BatchNormalization.
+
+    Base (the sub-model named ``"base"``, the features): (Conv 5x5 32 - BN - ReLU - max-pool),
+    (Conv 5x5 48 - BN - ReLU - max-pool), flatten, Dense 100 - ReLU: features (N, 100). Head:
+    [dropout] - Dense 100 - ReLU - logits. The paper ends the features at the flattened
+    conv maps; here they include the first Dense layer, where DANN's alignment measured
+    steadier on Fashion-MNIST -> ``fashion_mnist_m`` (see ``recipes.domain_adaptation``).
+    Flattening keeps *where* a feature fires: ``build_bn_cnn``'s global average pooling
+    transferred no better than chance there. ``bn_momentum`` 0.9 (Keras' default is 0.99)
+    lets the moving statistics settle within a few hundred steps.
+    """
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for block, filters in enumerate((32, 48), start=1):
+        x = layers.Conv2D(filters, 5, padding="same", use_bias=False, name=f"conv{block}")(x)
+        x = layers.BatchNormalization(momentum=bn_momentum, name=f"bn{block}")(x)
+        x = layers.ReLU(name=f"relu{block}")(x)
+        x = layers.MaxPooling2D(name=f"pool{block}")(x)
+    x = layers.Dense(100, activation="relu", name="dense1")(layers.Flatten(name="flatten")(x))
+    base = keras.Model(inputs, x, name="base")
+    inputs = keras.Input(input_shape)
+    x = layers.Dropout(dropout, name="head_dropout")(base(inputs))
+    x = layers.Dense(100, activation="relu", name="dense2")(x)
+    return keras.Model(inputs, layers.Dense(num_classes, name="classifier")(x), name=name)
+
+
+def batchnorm_layers(model: keras.Model) -> list[layers.BatchNormalization]:
+    """Every BatchNormalization layer of ``model``, nested models included, in the order of ``model.layers``."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            found += batchnorm_layers(layer)
+    return found
+
+
+def adapt_batchnorm(model: keras.Model, images, batch_size: int = 500) -> list[str]:
+    """AdaBN (Li et al. 2016, "Revisiting batch normalization for practical domain adaptation").
+
+    Replaces every BatchNormalization layer's moving mean and variance by the mean and
+    variance of its inputs over ``images`` (the target domain, no labels), layer by layer
+    from the input up, each layer seeing the outputs of the layers below it already
+    adapted (the paper's Algorithm 1). Nothing else changes: no weight, no gamma/beta.
+
+    ``images``: array (N, H, W, C) the model takes. Runs the model eagerly, in inference
+    mode, once per BatchNormalization layer (N images each time). Returns the adapted
+    layers' names. Raises ``InputError`` if the model has no BatchNormalization layer.
+    """
+    import numpy as np
+
+    bn_layers = batchnorm_layers(model)
+    if not bn_layers:
+        raise InputError(f"model {model.name!r} has no BatchNormalization layer to adapt")
+    for layer in bn_layers:
+        totals = {"count": 0, "sum": 0.0, "sum_sq": 0.0}
+        original_call = layer.call
+
+        def recording_call(inputs, *args, _layer=layer, _call=original_call, _totals=totals, **kwargs):
+            x = np.asarray(keras.ops.convert_to_numpy(inputs), dtype=np.float64)
+            axes = tuple(i for i in range(x.ndim) if i != _layer.axis % x.ndim)
+            _totals["count"] += x.size // x.shape[_layer.axis]
+            _totals["sum"] = _totals["sum"] + x.sum(axis=axes)
+            _totals["sum_sq"] = _totals["sum_sq"] + np.square(x).sum(axis=axes)
+            return _call(inputs, *args, **kwargs)
+
+        layer.call = recording_call  # an instance attribute shadows the class's call, for these passes only
+        try:
+            for start in range(0, len(images), batch_size):
+                model(images[start : start + batch_size], training=False)
+        finally:
+            del layer.call
+        mean = totals["sum"] / totals["count"]
+        variance = np.maximum(totals["sum_sq"] / totals["count"] - np.square(mean), 0.0)
+        layer.moving_mean.assign(mean.astype("float32"))
+        layer.moving_variance.assign(variance.astype("float32"))
+    return [layer.name for layer in bn_layers]

@@ -107,11 +107,11 @@ class Config(RecipeConfig):
     image_batch_size: int = knob(8, "Images: episodes per meta-batch (the paper: 32).")
     image_alpha: float = knob(0.4, "Images: inner-loop SGD step size (the paper, Omniglot: 0.4).")
     image_size: int = knob(28, "Images: side the images are resized to (greyscale).")
-    filters: int = knob(64, "Images: filters of each of the four conv blocks (the paper: 64).")
+    filters: int = knob(64, "Images: filters of each of the four conv blocks (the paper: 64).", minimum=1)
     rotations: bool = knob(False, "Images: add each class rotated by 90/180/270 degrees as new classes (Omniglot).")
-    epochs: int = knob(2, "Images: epochs of the pretrained baseline classifier on the meta-train classes.")
-    pretrain_images: int = knob(0, "Images: meta-train images the baseline classifier trains on (0: all).")
-    head_steps: int = knob(100, "Images: Adam steps fitting the baseline's new head on each support set.")
+    epochs: int = knob(2, "Images: epochs of the pretrained baseline classifier on the meta-train classes.", minimum=1)
+    pretrain_images: int = knob(0, "Images: meta-train images the baseline classifier trains on (0: all).", minimum=0)
+    head_steps: int = knob(100, "Images: Adam steps fitting the baseline's new head on each support set.", minimum=1)
 
     QUICK = dict(
         iterations=300,
@@ -200,23 +200,29 @@ class EpisodeSampler:
     ``rotations``, every (class, quarter turn) pair is a class of its own.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[int], rotations: bool = False):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[int], rotations: bool = False,
+                 class_names: list[str] | None = None):  # fmt: skip
         self.images = images
         self.members = {c: np.flatnonzero(labels == c) for c in classes}
         self.classes = [(c, r) for c in classes for r in (range(4) if rotations else [0])]
+        self.class_names = class_names
 
     def smallest_class(self) -> int:
         return min(len(m) for m in self.members.values())
 
     def check(self, ways: int, shots: int, query: int, side: str) -> None:
+        """Raise ``InputError`` naming the flags if an episode cannot be drawn from these classes."""
         if ways > len(self.classes):
-            raise InputError(f"{ways}-way episodes need {ways} {side} classes, but there are only {len(self.classes)}")
-        smallest = self.smallest_class()
-        if shots + query > smallest:
             raise InputError(
-                f"K + query = {shots} + {query} = {shots + query} images per class, but the smallest {side} class "
-                f"has {smallest}"
+                f"--ways {ways}: {ways}-way episodes need {ways} {side} classes, but there are only {len(self.classes)}"
             )
+        for c, members in self.members.items():
+            if shots + query > len(members):
+                name = f" ({self.class_names[c]!r})" if self.class_names else ""
+                raise InputError(
+                    f"--shots {shots} + --query {query} need {shots + query} images per class, but {side} class "
+                    f"{c}{name} has only {len(members)}"
+                )
 
     def sample(self, num_episodes: int, ways: int, shots: int, query: int, rng: np.random.Generator):
         """(xs, ys, xq, yq, classes): support (E, N*K, ...), query (E, N*Q, ...), drawn (class, rotation) pairs."""
@@ -247,8 +253,8 @@ def load_image_pools(config: Config) -> tuple[EpisodeSampler, EpisodeSampler, da
     shape = (config.image_size, config.image_size, 1)
     images = data.to_input_shape(np.concatenate([dataset.x_train, dataset.x_test]), shape)
     labels = np.concatenate([dataset.y_train, dataset.y_test])
-    train = EpisodeSampler(images, labels, train_classes, config.rotations)
-    test = EpisodeSampler(images, labels, test_classes, config.rotations)
+    train = EpisodeSampler(images, labels, train_classes, config.rotations, dataset.class_names)
+    test = EpisodeSampler(images, labels, test_classes, config.rotations, dataset.class_names)
     for k in parse_steps(config.shots, "shots"):
         train.check(config.ways, k, config.query, "meta-train")
         test.check(config.ways, k, config.query, "meta-test")

@@ -52,16 +52,18 @@ class Config(RecipeConfig):
     """Train a CNN on source classes, copy its weights into a target model, fine-tune, compare with scratch."""
 
     dataset: str = knob("fashion_mnist", "Dataset: fashion_mnist, digits, mnist, cifar10, tfds:<name>, folder:<path>.")
-    image_size: int = knob(0, "Resize tfds:/folder: images to this side (0: native size, folders 64).")
+    image_size: int = knob(0, "Resize tfds:/folder: images to this side (0: native size, folders 64).", minimum=0)
     source_classes: str = knob("0-4", "Classes of the source task, e.g. '0-4' or '0,2,4'.")
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
-    labels_per_class: int = knob(10, "Target training images per class (the label budget).")
+    labels_per_class: int = knob(10, "Target training images per class (the label budget).", minimum=1)
     budgets: str = knob("", "Sweep several label budgets, e.g. '10,50,200' (overrides --labels-per-class).")
-    source_images: int = knob(0, "Source training images to use, drawn evenly per class (0: all).")
-    source_epochs: int = knob(3, "Epochs on the source task.")
-    source_batch_size: int = knob(64, "Batch size on the source task (global, across replicas).")
-    epochs: int = knob(60, "Epochs of each target variant over its labeled images.")
-    batch_size: int = knob(16, "Batch size on the target task (global, across replicas).")
+    source_images: int = knob(
+        0, "Source training images to use, drawn evenly per class (0, or more than there are: all).", minimum=0
+    )
+    source_epochs: int = knob(3, "Epochs on the source task.", minimum=1)
+    source_batch_size: int = knob(64, "Batch size on the source task (global, across replicas).", minimum=1)
+    epochs: int = knob(60, "Epochs of each target variant over its labeled images.", minimum=1)
+    batch_size: int = knob(16, "Batch size on the target task (global, across replicas).", minimum=1)
     learning_rate: float = knob(1e-3, "Adam learning rate for the source model and the from-scratch baseline.")
     fine_tune_learning_rate: float = knob(1e-3, "Adam learning rate for the transferred models.")
     fresh_layers: str = knob("dense,classifier", "Layers re-initialised in the target model; all others are copied.")
@@ -90,20 +92,39 @@ def label_budgets(config: Config) -> list[int]:
         raise InputError(f"cannot read --budgets {config.budgets!r}; write e.g. '10,50,200'") from None
 
 
-def check_budgets(target: data.Dataset, budgets: list[int]) -> None:
-    """Fail before any training if a budget asks for more images than a class has."""
-    smallest = int(np.bincount(target.y_train).min())
-    if max(budgets) > smallest or min(budgets) < 1:
-        raise InputError(
-            f"label budgets {budgets} must lie in 1..{smallest}: the smallest target class has {smallest} images"
+def check_budgets(source: data.Dataset, target: data.Dataset, budgets: list[int], config: Config) -> None:
+    """Fail before any training if a budget asks for more images than a class has; the error names the flag."""
+    flag = f"--budgets {config.budgets}" if config.budgets else f"--labels-per-class {config.labels_per_class}"
+    data.check_per_class(target.y_train, min(budgets), target.class_names, what=flag)
+    data.check_per_class(target.y_train, max(budgets), target.class_names, what=flag)
+    if 0 < config.source_images < len(source.y_train):
+        per_class = config.source_images // source.num_classes
+        data.check_per_class(
+            source.y_train, per_class, source.class_names, what=f"--source-images {config.source_images}"
         )
 
 
+def fresh_layer_names(config: Config, model: keras.Model) -> tuple[str, ...]:
+    """The ``--fresh-layers`` names, each checked against ``model``'s layers (a typo would copy everything)."""
+    fresh = tuple(name.strip() for name in config.fresh_layers.split(",") if name.strip())
+    weighted = [layer.name for layer in model.layers if layer.weights]
+    unknown = [name for name in fresh if name not in weighted]
+    if unknown:
+        raise InputError(
+            f"--fresh-layers {config.fresh_layers!r}: {unknown} are not layers of the CNN; its layers with weights "
+            f"are {', '.join(weighted)}"
+        )
+    return fresh
+
+
 def train_source_model(source: data.Dataset, config: Config, strategy) -> tuple[keras.Model, dict]:
-    """Train the CNN on the training images of the source classes (all, unless ``source_images``)."""
+    """Train the CNN on the training images of the source classes (all, unless ``source_images`` is fewer)."""
     x, y = source.x_train, source.y_train
-    if config.source_images:
-        picked = data.sample_per_class(y, config.source_images // source.num_classes, config.seed)
+    if 0 < config.source_images < len(y):
+        per_class = config.source_images // source.num_classes
+        picked = data.sample_per_class(
+            y, per_class, config.seed, source.class_names, f"--source-images {config.source_images}"
+        )
         x, y = x[picked], y[picked]
     with strategy.scope():
         model = models.compile_classifier(
@@ -123,9 +144,9 @@ def build_target_model(variant: str, source_model: keras.Model, target: data.Dat
     ``scratch``: random weights. ``transfer``: every layer but the fresh ones copied from
     the source, all trainable. ``frozen``: the same copy kept frozen; only the fresh top trains.
     """
-    fresh_layers = tuple(name.strip() for name in config.fresh_layers.split(",") if name.strip())
     with strategy.scope():
         model = models.build_cnn(target.input_shape, target.num_classes, name=variant)
+        fresh_layers = fresh_layer_names(config, model)
         learning_rate = config.learning_rate
         if variant in ("transfer", "frozen"):
             copied = models.copy_weights(source_model, model, exclude=fresh_layers)
@@ -146,7 +167,7 @@ def train_target_model(model: keras.Model, x: np.ndarray, y: np.ndarray, config:
 
 def run_budget(budget: int, source_model, target: data.Dataset, config: Config, strategy) -> dict:
     """Train the three variants on the same ``budget`` images per class; evaluate each."""
-    picked = data.sample_per_class(target.y_train, budget, config.seed)
+    picked = data.sample_per_class(target.y_train, budget, config.seed, target.class_names)
     x, y = target.x_train[picked], target.y_train[picked]
     results = {"labeled_indices": picked.tolist()}
     for variant in VARIANTS:
@@ -172,7 +193,11 @@ def run(config: Config) -> dict:
 
     source, target = load_tasks(config)
     budgets = label_budgets(config)
-    check_budgets(target, budgets)
+    check_budgets(source, target, budgets, config)
+    # A throwaway CNN checks the image size and --fresh-layers before any training; it drew
+    # from the random state, so reseed: training starts from the seed's state all the same.
+    fresh_layer_names(config, models.build_cnn(target.input_shape, target.num_classes))
+    set_seed(config.seed)
     run_dir = evaluation.make_run_dir("weight_transfer", config.out)
     print(f"source task: {source}\ntarget task: {target}\nrun folder: {run_dir}")
 

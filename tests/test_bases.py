@@ -135,3 +135,128 @@ def test_scratch_twin_has_fresh_weights_and_learning_batchnorm(cache, tiny_sourc
     pretrained = base.model.get_layer("block1_conv1").get_weights()[0]
     assert not np.array_equal(inner.get_layer("block1_conv1").get_weights()[0], pretrained)
     assert inner.get_layer("block1_bn1").momentum == pytest.approx(0.9)
+
+
+# --- .keras models that are not ours ------------------------------------------------------
+
+
+def softmax_model(path, final_activation: str = "softmax", separate_softmax: bool = False):
+    """A user's classifier: conv, pooling, a Dense 'fc' layer, a Dense 'predictions' (no 'classifier' layer)."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((16, 16, 1))
+    x = layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dense(8, activation="relu", name="fc")(x)
+    x = layers.Dense(3, activation=None if separate_softmax else final_activation, name="predictions")(x)
+    if separate_softmax:
+        x = layers.Softmax(name="probabilities")(x)
+    keras.Model(inputs, x).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("final_activation, separate", [("softmax", False), ("sigmoid", False), ("linear", True)])
+def test_keras_file_base_cuts_below_a_softmax_classifier(tmp_path, capsys, final_activation, separate):
+    path = softmax_model(tmp_path / "user.keras", final_activation, separate)
+    base = bases.load_base(path)
+    assert base.model.output_shape == (None, 8)  # the features of 'fc', not the class probabilities
+    assert base.info["feature_layer"] == "fc"
+    out = capsys.readouterr().out
+    assert "feature output 'fc'" in out and "classification layer 'predictions'" in out and "--base-layer" in out
+
+
+def test_keras_file_base_keeps_a_model_that_ends_in_features(tmp_path):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((16, 16, 1))
+    x = layers.Flatten()(layers.Conv2D(4, 3)(inputs))
+    keras.Model(inputs, layers.Dense(8, activation="relu", name="embedding")(x)).save(tmp_path / "encoder.keras")
+    base = bases.load_base(str(tmp_path / "encoder.keras"))
+    assert base.model.output_shape == (None, 8) and base.info["uses"].startswith("the whole model")
+
+
+def test_base_layer_picks_the_feature_output(tmp_path):
+    path = softmax_model(tmp_path / "user.keras")
+    assert bases.load_base(path, layer="conv").model.output_shape == (None, 14, 14, 4)
+    with pytest.raises(InputError, match=r"--base-layer 'conv9' is not a layer of .*its layers: .*conv, gap, fc"):
+        bases.load_base(path, layer="conv9")
+    backbone = bases.load_base("mobilenet_v2", weights="none", image_size=32, layer="block_3_expand_relu")
+    assert backbone.model.output_shape == (None, 8, 8, 144)
+    with pytest.raises(InputError, match="--base-layer 'conv' applies to keras.applications and .keras bases"):
+        bases.load_base("source-cnn", layer="conv")
+
+
+def test_keras_file_base_input_shapes(tmp_path):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((None, None, 3))
+    keras.Model(inputs, layers.GlobalAveragePooling2D()(layers.Conv2D(4, 3)(inputs))).save(tmp_path / "any.keras")
+    assert bases.load_base(str(tmp_path / "any.keras"), image_size=40).input_shape == (40, 40, 3)
+    inputs = keras.Input((16, 16, 4))
+    keras.Model(inputs, layers.Flatten()(inputs)).save(tmp_path / "rgba.keras")
+    with pytest.raises(InputError, match=r"rgba.keras' takes inputs of shape \(16, 16, 4\)"):
+        bases.load_base(str(tmp_path / "rgba.keras"))
+    inputs = keras.Input((16, 16, 1))
+    keras.Model(inputs, layers.Reshape((16, 16))(inputs)).save(tmp_path / "seq.keras")
+    with pytest.raises(InputError, match=r"feature output .* has shape \(None, 16, 16\), neither a vector nor"):
+        bases.load_base(str(tmp_path / "seq.keras"))
+
+
+# --- The cached source CNN: BatchNorm statistics, chance, cache key ------------------------
+
+
+def test_recalibration_sets_batchnorm_statistics_to_the_data_average():
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((3,))
+    norm = layers.BatchNormalization(name="bn")
+    model = keras.Model(inputs, norm(inputs))
+    x = np.random.default_rng(0).normal([1.0, -2.0, 5.0], [1.0, 2.0, 0.5], (1024, 3)).astype(np.float32)
+    assert bases.recalibrate_batchnorm(model, x, batch_size=256) == 1
+    np.testing.assert_allclose(norm.moving_mean.numpy(), x.mean(0), atol=1e-4)
+    batch_variances = np.mean([x[i : i + 256].var(0) for i in range(0, 1024, 256)], axis=0)
+    np.testing.assert_allclose(norm.moving_variance.numpy(), batch_variances, rtol=1e-3)
+    assert norm.momentum == pytest.approx(0.99)  # restored
+
+
+def test_a_briefly_pretrained_base_beats_chance_in_inference_mode(cache, tiny_source):
+    """Four steps at momentum 0.99 leave BatchNorm's moving statistics near their initial values
+    (before recalibration the same base scored 20%, chance, on the 100 source test images)."""
+    base = bases.load_base(
+        "source-cnn", source=tiny_source, settings=bases.SourceSettings(width=8, epochs=1), verbose=0
+    )
+    assert base.info["source_test_accuracy"] >= 0.3 and base.info["beats_chance"]
+
+
+def test_a_base_at_chance_is_not_cached(cache, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.random((100, 12, 12, 1), dtype=np.float32)
+    noise = data.Dataset("noise", x, rng.integers(0, 5, 100), x[:50], rng.integers(0, 5, 50), list("abcde"))
+    base = bases.load_base("source-cnn", source=noise, settings=bases.SourceSettings(width=4, epochs=1), verbose=0)
+    assert not base.info["beats_chance"] and not base.info["cached"]
+    assert not list(cache.glob("source-cnn-*"))
+    out = capsys.readouterr().out
+    assert "warning: the source-cnn base is not clearly better than chance" in out and "chance 20.0%" in out
+
+
+def test_cache_key_covers_the_images_and_the_procedure(tiny_source, monkeypatch):
+    settings = bases.SourceSettings()
+    key = bases.source_cache_key(tiny_source, settings)
+    changed = data.Dataset(tiny_source.name, tiny_source.x_train[::-1].copy(), tiny_source.y_train,
+                           tiny_source.x_test, tiny_source.y_test, tiny_source.class_names)  # fmt: skip
+    assert bases.source_cache_key(changed, settings) != key  # same names, shapes and counts, other images
+    monkeypatch.setattr(bases, "SOURCE_CNN_VERSION", bases.SOURCE_CNN_VERSION + 1)
+    assert bases.source_cache_key(tiny_source, settings) != key
+
+
+def test_a_damaged_cache_entry_is_pretrained_again(cache, tiny_source):
+    settings = bases.SourceSettings(width=8, epochs=1)
+    bases.load_base("source-cnn", source=tiny_source, settings=settings, verbose=0)
+    (entry,) = cache.glob("source-cnn-*.keras")
+    entry.write_bytes(b"truncated")
+    again = bases.load_base("source-cnn", source=tiny_source, settings=settings, verbose=0)
+    assert again.info["cached"] is False and again.model.output_shape == (None, 7 * 7 * 16)

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from common import data
+from common.errors import InputError
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -197,10 +198,30 @@ def test_sample_per_class_is_stratified_seeded_and_bounded():
     assert np.bincount(labels[picked]).tolist() == [4, 4, 4] and len(set(picked)) == 12
     np.testing.assert_array_equal(picked, data.sample_per_class(labels, 4, seed=1))
     assert not np.array_equal(picked, data.sample_per_class(labels, 4, seed=2))
-    with pytest.raises(ValueError, match="label budget 21 per class is larger than class 0, which has 20"):
+    with pytest.raises(ValueError, match="label budget needs 21 images per class, but class 0 has only 20"):
         data.sample_per_class(labels, 21, seed=0)
     with pytest.raises(ValueError, match="at least 1"):
         data.sample_per_class(labels, 0, seed=0)
+    # The error names the flag that set the number, and the class by name.
+    names = ["a", "b", "c"]
+    with pytest.raises(ValueError, match=r"--labels-per-class 25 needs 25 images per class, but class 0 \('a'\)"):
+        data.sample_per_class(labels, 25, seed=0, class_names=names, what="--labels-per-class 25")
+    with pytest.raises(ValueError, match="--source-images 2 gives 0 images per class"):
+        data.sample_per_class(labels, 0, seed=0, class_names=names, what="--source-images 2")
+
+
+def test_an_empty_class_is_not_hidden():
+    """Class 3 has no example: np.unique / bincount without minlength would not see it."""
+    labels = np.repeat(np.arange(3), 20)
+    names = ["a", "b", "c", "empty"]
+    with pytest.raises(ValueError, match=r"class 3 \('empty'\) has only 0"):
+        data.sample_per_class(labels, 1, seed=0, class_names=names)
+    with pytest.raises(ValueError, match=r"class 3 \('empty'\) has 0 example"):
+        data.holdout_split(labels, 0.2, seed=0, class_names=names)
+    x = np.zeros((len(labels), 2, 2, 1), np.float32)
+    dataset = data.Dataset("toy", x, labels, x[:3], np.array([0, 1, 2]), names)
+    with pytest.raises(ValueError, match=r"class 3 \('empty'\) of toy has no training images"):
+        data.select_classes(dataset, [0, 3])
 
 
 def test_holdout_split_is_disjoint_and_stratified():
@@ -244,3 +265,207 @@ def test_make_pipeline_batches_shuffles_and_augments():
     np.testing.assert_array_equal(augmented[0].numpy().ravel(), np.arange(10) + 100.0)
     images_only = next(iter(data.make_pipeline(x, batch_size=10, augment=add_hundred)))
     assert images_only.shape == (10, 1, 1, 1)
+
+
+# --- Real folders: junk, unusual formats, split layouts -------------------------------
+
+
+def save_image(path: Path, mode: str = "RGB", value: int = 100, size: tuple[int, int] = (12, 10)) -> None:
+    """A Pillow image of one grey ``value`` (0-255) in ``mode``, written in the format of the suffix."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("L", size, value)
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(np.full(size[::-1], value * 257, dtype=np.uint16))
+    elif mode == "P":
+        image = image.convert("RGB").quantize(4)
+        image.info["transparency"] = 0
+    elif mode != "L":
+        image = image.convert(mode)
+    image.save(path)
+
+
+def test_class_folder_without_a_readable_image_is_named(tmp_path):
+    make_image_folder(tmp_path, {"cats": 4, "dogs": 4})
+    save_image(tmp_path / "scans" / "0.tif")
+    save_image(tmp_path / "scans" / "1.tif")
+    (tmp_path / "scans" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with pytest.raises(InputError) as error:
+        data.load_dataset(f"folder:{tmp_path}", image_size=8)
+    message = str(error.value)
+    assert str(tmp_path / "scans") in message and "skipped 3 files" in message
+    assert "unsupported format .tif: 2" in message and "hidden: 1" in message
+    assert "supported formats: .bmp, .gif, .jpeg, .jpg, .png" in message
+
+
+def test_class_with_too_few_images_for_the_split_is_named(tmp_path):
+    make_image_folder(tmp_path, {"cats": 4, "dogs": 1})
+    with pytest.raises(InputError, match=rf"class folder '{tmp_path / 'dogs'}' has 1 readable image.*at least 2"):
+        data.load_dataset(f"folder:{tmp_path}", image_size=8)
+
+
+def test_undecodable_files_are_skipped_and_listed(tmp_path, capsys):
+    from PIL import Image
+
+    make_image_folder(tmp_path, {"cats": 3, "dogs": 3})
+    (tmp_path / "cats" / "empty.jpg").write_bytes(b"")
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(big)
+    (tmp_path / "dogs" / "truncated.jpg").write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    big.unlink()
+    (tmp_path / "dogs" / "page.png").write_text("<!DOCTYPE html><html><body>Not found</body></html>")
+    (tmp_path / "dogs" / "notes.txt").write_text("where these came from")
+    ds = data.load_dataset(f"folder:{tmp_path}", image_size=8)
+    assert len(ds.x_train) + len(ds.x_test) == 6  # the readable images only
+    out = capsys.readouterr().out
+    assert "skipped 4 files (unsupported format .txt: 1, empty file: 1, cannot be read: 2)" in out
+    for name in ("cats/empty.jpg", "dogs/truncated.jpg", "dogs/page.png"):
+        assert str(tmp_path / name) in out, out
+
+
+def test_a_class_of_broken_files_names_one_of_them(tmp_path):
+    make_image_folder(tmp_path, {"cats": 3})
+    (tmp_path / "dogs").mkdir()
+    (tmp_path / "dogs" / "0.jpg").write_bytes(b"")
+    (tmp_path / "dogs" / "1.png").write_text("<html></html>")
+    with pytest.raises(InputError) as error:
+        data.load_dataset(f"folder:{tmp_path}", image_size=8)
+    message = str(error.value)
+    assert f"class folder '{tmp_path / 'dogs'}' has no image that can be read" in message
+    assert "empty file: 1, cannot be read: 1" in message and str(tmp_path / "dogs" / "0.jpg") in message
+
+
+@pytest.mark.parametrize(
+    "file, mode, grey",
+    [
+        ("scan.bmp", "1", 255),  # 1-bit BMP (TensorFlow's decoder refuses it)
+        ("palette.png", "P", 100),  # palette with a transparent index
+        ("grey.png", "L", 100),
+        ("alpha.png", "RGBA", 100),
+        ("deep.png", "I;16", 100),  # 16-bit grey
+        ("print.jpg", "CMYK", 100),
+        ("grey.jpg", "L", 100),
+        ("anim.gif", "L", 100),
+        ("grey.bmp", "L", 100),
+    ],
+)
+def test_valid_unusual_formats_load(tmp_path, file, mode, grey):
+    make_image_folder(tmp_path, {"a": 2})
+    save_image(tmp_path / "b" / file, mode, grey)
+    save_image(tmp_path / "b" / f"2{Path(file).suffix}", mode, grey)
+    ds = data.load_dataset(f"folder:{tmp_path}", image_size=6)
+    images = np.concatenate([ds.x_train[ds.y_train == 1], ds.x_test[ds.y_test == 1]])
+    assert images.shape == (2, 6, 6, 3)
+    np.testing.assert_allclose(images, grey / 255.0, atol=3 / 255.0)
+
+
+def test_class_order_is_code_point_order_and_junk_folders_are_ignored(tmp_path):
+    make_image_folder(tmp_path, {"cat": 2, "Äpfel": 2, "apple": 2, "Zebra": 2, "10": 2, "9": 2})
+    save_image(tmp_path / ".ipynb_checkpoints" / "0.png")
+    save_image(tmp_path / "__MACOSX" / "cat" / "._0.png")
+    save_image(tmp_path / "cat" / "more" / "deeper.png")  # images below a class folder belong to it
+    ds = data.load_dataset(f"folder:{tmp_path}", image_size=4)
+    assert ds.class_names == ["10", "9", "Zebra", "apple", "cat", "Äpfel"]
+    assert np.bincount(np.concatenate([ds.y_train, ds.y_test])).tolist() == [2, 2, 2, 2, 3, 2]
+
+
+def test_train_and_val_folders_val_is_the_test_split(tmp_path, capsys):
+    make_image_folder(tmp_path / "train", {"a": 5, "b": 5})
+    make_image_folder(tmp_path / "val", {"a": 2, "b": 3})
+    ds = data.load_dataset(f"folder:{tmp_path}", image_size=8)
+    assert ds.class_names == ["a", "b"] and (len(ds.x_train), len(ds.x_test)) == (10, 5)
+    assert "test split from val/" in capsys.readouterr().out
+
+
+def test_train_validation_and_test_folders_validation_joins_training(tmp_path):
+    make_image_folder(tmp_path / "Train", {"a": 5, "b": 5})
+    make_image_folder(tmp_path / "validation", {"a": 2, "b": 2})
+    make_image_folder(tmp_path / "test", {"a": 3, "b": 3})
+    ds = data.load_dataset(f"folder:{tmp_path}", image_size=8)
+    assert (len(ds.x_train), len(ds.x_test)) == (14, 6)
+    assert np.bincount(ds.y_train).tolist() == [7, 7]
+
+
+def test_train_folder_alone_holds_out_a_test_split(tmp_path):
+    make_image_folder(tmp_path / "train", {"a": 5, "b": 5})
+    ds = data.load_dataset(f"folder:{tmp_path}", image_size=8)
+    assert (len(ds.x_train), len(ds.x_test)) == (8, 2)
+
+
+def test_split_layouts_that_cannot_be_used_say_what_is_expected(tmp_path):
+    make_image_folder(tmp_path / "mixed" / "train", {"a": 2, "b": 2})
+    make_image_folder(tmp_path / "mixed" / "extra", {"a": 2})
+    with pytest.raises(InputError, match=r"split folders \['train'\] but also holds \['extra'\]; expected one"):
+        data.load_dataset(f"folder:{tmp_path / 'mixed'}", image_size=8)
+    make_image_folder(tmp_path / "no_train" / "val", {"a": 2, "b": 2})
+    make_image_folder(tmp_path / "no_train" / "test", {"a": 2, "b": 2})
+    with pytest.raises(InputError, match="has no train/ folder"):
+        data.load_dataset(f"folder:{tmp_path / 'no_train'}", image_size=8)
+    make_image_folder(tmp_path / "differ" / "train", {"a": 2, "b": 2, "c": 2})
+    make_image_folder(tmp_path / "differ" / "test", {"a": 2, "b": 2, "d": 2})
+    with pytest.raises(InputError, match=r"only in train/: \['c'\], only in test/: \['d'\]"):
+        data.load_dataset(f"folder:{tmp_path / 'differ'}", image_size=8)
+
+
+def test_folder_without_class_folders_says_what_it_found(tmp_path):
+    for n in range(3):
+        save_image(tmp_path / "loose" / f"{n}.png")
+    with pytest.raises(InputError, match="found no sub-folder and 3 image files directly in it"):
+        data.load_dataset(f"folder:{tmp_path / 'loose'}", image_size=8)
+    make_image_folder(tmp_path / "wrapped" / "dataset", {"a": 2, "b": 2})
+    with pytest.raises(InputError, match=f"did you mean folder:{tmp_path / 'wrapped' / 'dataset'}"):
+        data.load_dataset(f"folder:{tmp_path / 'wrapped'}", image_size=8)
+
+
+def test_an_archive_is_not_a_folder(tmp_path):
+    (tmp_path / "photos.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(InputError, match="photos.zip' is a file; give a folder"):
+        data.load_dataset(f"folder:{tmp_path / 'photos.zip'}")
+
+
+def test_bad_image_size(tmp_path):
+    make_image_folder(tmp_path, {"a": 2, "b": 2})
+    with pytest.raises(InputError, match="--image-size -3"):
+        data.load_dataset(f"folder:{tmp_path}", image_size=-3)
+
+
+def test_damaged_fashion_mnist_file_is_named(tiny_fashion_dir, monkeypatch):
+    directory, _ = tiny_fashion_dir
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(directory))
+    labels = directory / data.FASHION_MNIST_FILES["y_train"]
+    with gzip.open(labels, "rb") as f:
+        content = f.read()
+    with gzip.open(labels, "wb") as f:
+        f.write(content[:-5])  # an interrupted download
+    with pytest.raises(InputError, match=rf"{labels} holds 43 bytes but its header \(40,\) needs 48"):
+        data.load_dataset("fashion_mnist")
+    labels.write_bytes(b"<html>proxy error</html>")
+    with pytest.raises(InputError, match=f"{labels} is not a readable gzip file"):
+        data.load_dataset("fashion_mnist")
+
+
+def test_check_same_classes_names_what_differs():
+    def dataset(name, classes):
+        x = np.zeros((len(classes), 4, 4, 1), np.float32)
+        y = np.arange(len(classes))
+        return data.Dataset(name, x, y, x, y, classes)
+
+    data.check_same_classes(dataset("a", ["cat", "dog"]), dataset("b", ["cat", "dog"]))
+    with pytest.raises(InputError, match=r"only in the source: \['dog'\]; only in the target: \['fox'\]"):
+        data.check_same_classes(dataset("a", ["cat", "dog"]), dataset("b", ["cat", "fox"]))
+    with pytest.raises(InputError, match="the same names in another order"):
+        data.check_same_classes(dataset("a", ["cat", "dog"]), dataset("b", ["dog", "cat"]))
+
+
+@pytest.mark.parametrize("n_other", [3, 50])  # smaller than a batch, and several batches
+def test_paired_pipeline_gives_full_batches_of_both_sides(n_other):
+    x, y = np.arange(20, dtype=np.float32).reshape(20, 1), np.arange(20)
+    x_other = 100 + np.arange(n_other, dtype=np.float32).reshape(n_other, 1)
+    batches = list(data.paired_pipeline(x, y, x_other, batch_size=8, seed=0).take(12).as_numpy_iterator())
+    assert len(batches) == 12
+    for (images, labels), other in batches:
+        assert images.shape == (8, 1) and other.shape == (8, 1)
+        np.testing.assert_array_equal(images[:, 0], labels)  # labels stay with their images
+        assert other.min() >= 100
+    assert len({int(v) for (_, labels), _ in batches for v in labels}) == 20  # every labelled image comes round

@@ -132,3 +132,18 @@ def test_epoch_timer_logs_epoch_seconds():
     model.compile("sgd", "mse")
     history = model.fit(np.ones((8, 2)), np.ones(8), epochs=3, verbose=0, callbacks=[evaluation.EpochTimer()])
     assert len(history.history["epoch_seconds"]) == 3 and all(t > 0 for t in history.history["epoch_seconds"])
+
+
+def test_text_table_and_labelled_scatter():
+    table = evaluation.text_table([("name", "score"), ("a", "1.0"), ("longer", "-2")])
+    assert table.splitlines() == ["name    score", "------  -----", "a       1.0", "longer  -2"]
+    fig = evaluation.plot_labelled_scatter({"a": (1.0, 90.0), "b": (2.0, 80.0)}, "score", "accuracy",
+                                           reference=("scratch", 85.0))  # fmt: skip
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["a", "b"] and ax.get_legend() is not None
+
+
+def test_gap_closed():
+    assert evaluation.gap_closed(0.6, baseline=0.4, ceiling=0.8) == pytest.approx(0.5)
+    assert evaluation.gap_closed(0.3, baseline=0.4, ceiling=0.8) == pytest.approx(-0.25)  # worse than the baseline
+    assert np.isnan(evaluation.gap_closed(0.5, baseline=0.5, ceiling=0.5))

@@ -128,7 +128,10 @@ def test_episode_sampler_rotations_are_extra_classes():
             r"4-way episodes need 4 meta-test classes, but .* only 3",
         ),
         (dict(ways=6), r"6-way episodes need 6 meta-train classes, but there are only 5"),
-        (dict(shots="1,200", query=5), r"K \+ query = 200 \+ 5 = 205 images per class.*has \d+"),
+        (
+            dict(shots="1,200", query=5),
+            r"--shots 200 \+ --query 5 need 205 images per class, but meta-train class 0 \('0'\) has only \d+",
+        ),
         (dict(train_classes="0-5", test_classes="5-9"), r"class 5 .* two class lists"),
         (dict(image_alpha=0.0), r"--image-alpha must be positive, got 0.0"),
         (dict(inner_steps=0), r"--inner-steps must be positive, got 0"),

@@ -168,3 +168,14 @@ def test_logistic_regression_head_as_one_dense_layer():
         probabilities /= probabilities.sum(axis=1, keepdims=True)
         np.testing.assert_allclose(probabilities[:, head[1].classes_], head.predict_proba(features), atol=1e-5)
         assert np.all(np.isin(probabilities.argmax(axis=1), head[1].classes_))  # an absent class is never predicted
+
+
+def test_fit_steps_runs_the_number_of_steps_in_chunks():
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.SGD(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pipeline = tf.data.Dataset.from_tensor_slices((np.zeros((5, 2), np.float32), np.zeros(5, np.int64))).batch(2)
+    history = models.fit_steps(model, pipeline, steps=12, chunks=4)
+    assert len(history["loss"]) == 4 and len(history["epoch_seconds"]) == 4
+    assert int(model.optimizer.iterations.numpy()) == 12

@@ -82,7 +82,11 @@ def test_help_documents_every_flag():
         (["--source-classes", "0-5", "--target-classes", "5-9"], r"class 5 \(Sandal\) is in two class lists"),
         (["--target-classes", ""], "class list #2 is empty"),
         (["--target-classes", "8-12"], r"classes \[10, 11, 12\] are not in fashion_mnist"),
-        (["--labels-per-class", "7000"], r"label budgets \[7000\] must lie in 1..6000"),
+        (
+            ["--labels-per-class", "7000"],
+            r"--labels-per-class 7000 needs 7000 images per class, but class 0 \('Sandal'\) has only 6000",
+        ),
+        (["--source-images", "3"], "--source-images 3 gives 0 images per class"),
         (["--budgets", "10,lots"], "cannot read --budgets '10,lots'"),
         (["--strategy", "tpu"], "unknown strategy 'tpu'"),
     ],
@@ -127,3 +131,18 @@ def test_transfer_beats_scratch_on_fashion_mnist(tmp_path):
         assert variants["scratch"]["test_accuracy"] > 0.6  # the baseline itself learns
     print("transfer gain per seed (points):", [round(100 * g, 1) for g in gains])
     assert np.mean(gains) >= 0.02
+
+
+def test_quick_run_on_a_small_folder(tmp_path):
+    """A few dozen images per class: --quick's 1,000 source images are a cap, not a demand."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(30):
+            pixels = np.clip(rng.normal(60 * c, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    record = run_quick(tmp_path / "run", "--dataset", f"folder:{tmp_path / 'images'}", "--image-size", "20",
+                       "--source-classes", "0,1", "--target-classes", "2,3", "--labels-per-class", "5")  # fmt: skip
+    assert record["variants"]["transfer"]["labels_per_class"] == 5

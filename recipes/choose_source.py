@@ -1,0 +1,536 @@
+"""Choose what to transfer from, before training: transferability scores against the truth.
+
+Which pretrained model, or which layer of it, should a new task start from, and will it help
+at all? A source can also hurt (*negative transfer*: below training from scratch). LogME
+(You et al. 2021), LEEP (Nguyen et al. 2020), NCE (Tran et al. 2019) and H-score (Bao et al.
+2019), in ``common/transferability.py``, answer from one pass of the labelled target images,
+without training. A score is worth what its ranking agrees with the accuracy actually
+reached, so this recipe measures that too. Use it before fine-tuning several candidates, to
+pick the layer to cut a network at, or to spot a source that will not help.
+
+What the default run does (``python -m recipes.choose_source``):
+
+1. Target: Fashion-MNIST classes 5-9, 20 labelled images per class (seeded); 5,000 test images.
+2. Candidates (``--candidates``, built offline, cached in ``$RECIPES_CACHE_DIR``): the CNN
+   pretrained on classes 0-4 cut after each block (``source-0-4-block1|2|3``); the same
+   pretrained with the labels shuffled, cut after block 3 where it memorised noise
+   (``source-0-4-shuffled-labels``; ``...-shuffled-labels-block1|2`` stay generic); the same
+   pretrained on scikit-learn's digits at 28x28 (``digits``); the same untrained
+   (``untrained``). Add a ``keras.applications`` name (``--weights``) or a ``.keras`` path.
+3. Scores: the features of the 100 labelled images once per candidate, then every score,
+   timed. LEEP and NCE need the source classifier's predictions: a candidate without one
+   (``untrained``, a backbone without its top) gets none (null), left out of their correlations.
+4. Ground truth: a head trained on each candidate's cached features, as
+   ``recipes.feature_extraction`` does (``--fine-tune``: then the top of the base unfrozen, as
+   ``recipes.fine_tune``); ``scratch``, the same network trained end to end, is the baseline.
+5. Judgement: each score's weighted Kendall tau (``scipy.stats.weightedtau``) and Spearman
+   correlation with the accuracies, its pick and how far below the best that pick is; the
+   time to score every candidate against the time to train their heads.
+
+Measured over seeds 0-2 (``--seed S``, two CPU cores shared with other jobs): scratch
+88.5-90.9%; the real source cut at block 2 is the best candidate on every seed (+1.6 points
+on average) and LogME picks it every time, weighted tau 0.48-0.93 (mean 0.70; H-score 0.44,
+LEEP 0.10, NCE 0.06: LEEP and NCE prefer the digits source). The shuffled-label source ends
+7-12 points below scratch, ranked last by LogME, LEEP and H-score. Scoring all six takes
+about 0.5 s, 2-3% of training their heads. 89-113 s with the bases cached, 7 minutes from an
+empty cache (``docs/choose_source_experiments.md`` has every number and command).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import layers
+from threadpoolctl import threadpool_limits
+
+from common import bases, data, evaluation, models, transferability
+from common.cli import InputError, MissingInputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
+
+SOURCE_CUT = "block2"  # the cut of the digits and untrained candidates, and of scratch
+SHUFFLED_CUT = "block3"  # the cut of source-<classes>-shuffled-labels
+
+
+@dataclass
+class Config(RecipeConfig):
+    """Score candidate bases (LogME, LEEP, NCE, H-score), then check the scores against the accuracy reached."""
+
+    dataset: str = knob("fashion_mnist", "Dataset: fashion_mnist, digits, mnist, cifar10, tfds:<name>, folder:<path>.")
+    image_size: int = knob(0, "Image side: resizes tfds:/folder: images and is a backbone's input (0: native; 96).")
+    source_classes: str = knob("0-4", "Classes the source CNN candidates are pretrained on, e.g. '0-4'.")
+    target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
+    labels_per_class: int = knob(20, "Labelled target images per class, for the scores and the heads (at least 2).")
+    candidates: str = knob("default", "Comma list: 'default' (the six built-in candidates), source-<classes>-block1|2|3, source-<classes>-shuffled-labels[-block1|2|3], digits, untrained, a keras.applications name, a .keras path.")  # fmt: skip
+    scores: str = knob("logme,leep,nce,hscore", "Scores to compute: logme, leep, nce, hscore.")
+    weights: str = knob("", "Weights of keras.applications candidates: imagenet (default, online), none, or a file.")
+    source_width: int = knob(16, "Width (first conv filters) of the source CNNs.")
+    source_epochs: int = knob(2, "Pretraining epochs of the source CNNs on the source classes (shuffled or not).")
+    source_images: int = knob(0, "Source training images for the source CNNs (0: all).")
+    digits_epochs: int = knob(
+        15, "Pretraining epochs (batches of 32) of the CNN on scikit-learn's digits (1,437 images)."
+    )
+    epochs: int = knob(100, "Epochs of each head (and of the from-scratch baseline).")
+    batch_size: int = knob(32, "Batch size.")
+    learning_rate: float = knob(1e-3, "Adam learning rate of the heads and of the baseline.")
+    dropout: float = knob(0.2, "Dropout rate before each head's Dense layer.")
+    fine_tune: bool = knob(
+        False, "Also fine-tune each candidate (top layers unfrozen, BatchNorm frozen) as ground truth."
+    )
+    fine_tune_layers: int = knob(4, "--fine-tune: layers with weights unfrozen at the top of each base.")
+    fine_tune_epochs: int = knob(20, "--fine-tune: epochs after the head.")
+    fine_tune_learning_rate: float = knob(1e-4, "--fine-tune: Adam learning rate (10-100x lower than the head's).")
+    test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).")
+
+    QUICK = dict(source_epochs=1, source_images=1000, digits_epochs=1, epochs=3, fine_tune_epochs=1, test_images=250)
+
+
+@dataclass(eq=False)
+class Candidate:
+    """A named base to score: its features come from ``base``; ``classifier`` predicts the source classes."""
+
+    name: str
+    kind: str  # source | shuffled-labels | digits | untrained | backbone | keras-file
+    spec: str = ""
+    cut: str = SOURCE_CUT
+    base: bases.Base | None = None
+    classifier: keras.Model | None = None
+    figures: dict = field(default_factory=dict)  # scores, accuracies and seconds, filled by the steps
+
+
+# --- Steps ------------------------------------------------------------------------
+
+
+def source_tag(config: Config) -> str:
+    """``--source-classes`` as it appears in candidate names: '0-4' -> '0-4', '0,2,4' -> '0+2+4'."""
+    return config.source_classes.replace(" ", "").replace(",", "+")
+
+
+def parse_candidates(config: Config) -> list[Candidate]:
+    """``--candidates`` -> named candidates, checked (names, duplicates, backbone settings) before any work."""
+    tag = source_tag(config)
+    source_names = re.compile(rf"source-{re.escape(tag)}-(?:(shuffled-labels)(?:-(block[123]))?|(block[123]))")
+    tokens = [t.strip() for t in config.candidates.split(",") if t.strip()]
+    defaults = [f"source-{tag}-block1", f"source-{tag}-block2", f"source-{tag}-block3",
+                f"source-{tag}-shuffled-labels", "digits", "untrained"]  # fmt: skip
+    candidates, seen = [], {}
+    for token in [name for t in tokens for name in (defaults if t == "default" else [t])]:
+        match = source_names.fullmatch(token)
+        if token == "scratch":
+            raise InputError("'scratch' is the baseline, always trained; remove it from --candidates")
+        if match:
+            shuffled, shuffled_cut, cut = match.groups()
+            # The shuffled-label source's top block holds what it learned; lower blocks stay generic.
+            kind = "shuffled-labels" if shuffled else "source"
+            candidate = Candidate(token, kind, cut=cut or shuffled_cut or SHUFFLED_CUT)
+        elif token in ("digits", "untrained"):
+            candidate = Candidate(token, token)
+        elif token in models.BACKBONES:
+            bases.check_base_args(token, config.weights, config.image_size)
+            candidate = Candidate(token, "backbone", spec=token)
+        elif token.endswith(".keras") or Path(token).is_file():
+            if not Path(token).is_file():
+                raise MissingInputError(f"candidate {token!r}: no such .keras file")
+            candidate = Candidate(Path(token).stem, "keras-file", spec=token)
+        else:
+            raise InputError(
+                f"unknown candidate {token!r}; choose from default, {', '.join(defaults)}, "
+                f"source-{tag}-shuffled-labels-block1|2|3 (for --source-classes {config.source_classes}), "
+                f"a keras.applications name ({', '.join(models.BACKBONES)}) or a .keras path"
+            )
+        if candidate.name in seen:
+            raise InputError(f"duplicate candidate name {candidate.name!r} ({seen[candidate.name]!r} and {token!r})")
+        seen[candidate.name] = token
+        candidates.append(candidate)
+    if not candidates:
+        raise InputError("--candidates names no candidate")
+    return candidates
+
+
+def check_config(config: Config) -> tuple[list[str], list[Candidate]]:
+    """Every flag that can be checked without data: score names, label budget, candidates."""
+    scores = transferability.parse_score_names(config.scores)
+    if config.labels_per_class < 2:
+        raise InputError(
+            f"--labels-per-class {config.labels_per_class}: the scores need at least 2 labelled images per class"
+        )
+    return scores, parse_candidates(config)
+
+
+def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
+    """The source and target tasks, class lists checked, labels re-indexed from 0."""
+    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
+    source_classes = data.parse_classes(config.source_classes)
+    target_classes = data.parse_classes(config.target_classes)
+    data.check_class_split(dataset, source_classes, target_classes)
+    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+
+
+def pick_budget(target: data.Dataset, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``labels_per_class`` training images per class (seeded), and the (optionally subsampled) test set."""
+    picked = data.sample_per_class(target.y_train, config.labels_per_class, config.seed)
+    x_test, y_test = target.x_test, target.y_test
+    if config.test_images and config.test_images < len(x_test):
+        per_class = min(max(1, config.test_images // target.num_classes), int(np.bincount(y_test).min()))
+        keep = data.sample_per_class(y_test, per_class, config.seed)
+        x_test, y_test = x_test[keep], y_test[keep]
+    return target.x_train[picked], target.y_train[picked], x_test, y_test
+
+
+def source_settings(config: Config, **changes) -> bases.SourceSettings:
+    # Pretrained with seed 0 whatever --seed is, so that every seed reuses the cached bases.
+    settings = bases.SourceSettings(width=config.source_width, epochs=config.source_epochs,
+                                    max_images=config.source_images)  # fmt: skip
+    return replace(settings, **changes)
+
+
+def digits_task(input_shape: tuple[int, int, int]) -> data.Dataset:
+    """scikit-learn's 8x8 digits, resized (and converted to RGB if need be) to the target's image shape."""
+    digits = data.load_dataset("digits", seed=0)
+    return replace(digits, x_train=data.to_input_shape(digits.x_train, input_shape),
+                   x_test=data.to_input_shape(digits.x_test, input_shape))  # fmt: skip
+
+
+def build_candidate(candidate: Candidate, config: Config, source: data.Dataset, target: data.Dataset) -> Candidate:
+    """The candidate's base (pretrained and cached where it has to be) and its source classifier, if any."""
+    if candidate.kind in ("source", "shuffled-labels"):
+        settings = source_settings(config, shuffle_labels=candidate.kind == "shuffled-labels")
+        base = bases.source_cnn_base(source, settings, cut=candidate.cut)
+    elif candidate.kind == "digits":
+        # Batches of 32: 675 steps, enough for the BatchNorm moving statistics to settle (10 epochs of 64: 20% test).
+        settings = source_settings(config, epochs=config.digits_epochs, max_images=0, batch_size=32)
+        base = bases.source_cnn_base(digits_task(target.input_shape), settings, cut=candidate.cut)
+    elif candidate.kind == "untrained":
+        base = bases.untrained_source_cnn(target.input_shape, source.num_classes, config.source_width, candidate.cut)
+    else:
+        try:
+            weights = config.weights if candidate.kind == "backbone" else ""  # --weights is for backbones only
+            base = bases.load_base(candidate.spec, weights, config.image_size)
+        except InputError as error:
+            raise InputError(f"candidate {candidate.name!r}: {error}") from error
+    return replace(candidate, base=base, classifier=bases.source_classifier(base))
+
+
+def check_takes_images(candidate: Candidate, images: np.ndarray) -> None:
+    """Run two target images through the candidate: an InputError naming it if it cannot take them."""
+    try:
+        inputs = candidate.base.prepare(images[:2])
+        bases.feature_extractor(candidate.base)(inputs, training=False)
+        if candidate.classifier is not None:
+            candidate.classifier(inputs, training=False)
+    except Exception as error:
+        raise InputError(
+            f"candidate {candidate.name!r} (input {candidate.base.input_shape}) cannot take the target's "
+            f"images of shape {images.shape[1:]}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def extract_features(base: bases.Base, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, float]:
+    """The images once through the frozen base (inference mode, pooled if a feature map); features and seconds."""
+    start = time.perf_counter()
+    extractor = bases.feature_extractor(base)
+    inputs = base.prepare(images)
+    features = np.concatenate([
+        np.asarray(extractor(inputs[i : i + batch_size], training=False)) for i in range(0, len(inputs), batch_size)
+    ])  # fmt: skip
+    return features, time.perf_counter() - start
+
+
+def score_candidate(candidate: Candidate, features: np.ndarray, x: np.ndarray, y: np.ndarray,
+                    score_names: list[str]) -> tuple[dict, dict]:  # fmt: skip
+    """Every score of one candidate, each timed; returns ({score: value}, {step: seconds}).
+
+    LEEP and NCE first need the source classifier's predictions on the labelled images
+    (``source_predictions`` seconds, counted in the scoring time).
+    """
+    seconds = {}
+    probs = None
+    if candidate.classifier is not None and any(transferability.SCORES[s] == "source_probs" for s in score_names):
+        start = time.perf_counter()
+        probs = bases.source_probabilities(candidate.classifier, candidate.base.prepare(x))
+        seconds["source_predictions"] = time.perf_counter() - start
+    values = {}
+    # Small dense problems (100 x 100 SVDs): one BLAS thread is fastest, and keeps clear of TensorFlow's.
+    with threadpool_limits(1, user_api="blas"):
+        for name in score_names:
+            start = time.perf_counter()
+            values[name] = transferability.compute(name, y, features=features, source_probs=probs)
+            seconds[name] = time.perf_counter() - start
+    return values, seconds
+
+
+def build_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Model:
+    """Dropout and a Dense layer emitting logits, on cached feature vectors (as recipes.feature_extraction)."""
+    inputs = keras.Input((feature_dim,))
+    x = layers.Dropout(dropout, name="head_dropout")(inputs)
+    outputs = layers.Dense(num_classes, name="classifier")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def train_head(
+    features: np.ndarray, y: np.ndarray, num_classes: int, config: Config
+) -> tuple[keras.Model, dict, float]:
+    """The ground truth's training: the head alone on the cached features; returns head, history, seconds."""
+    set_seed(config.seed)  # each head's initialisation does not depend on the candidates before it
+    # A head step takes microseconds: run 64 per compiled call, not one (same updates).
+    head = models.compile_classifier(
+        build_head(features.shape[1], num_classes, config.dropout), config.learning_rate, steps_per_execution=64
+    )
+    start = time.perf_counter()
+    train = data.make_pipeline(features, y, config.batch_size, shuffle=True, seed=config.seed)
+    history = head.fit(train, epochs=config.epochs, verbose=0).history
+    return head, history, time.perf_counter() - start
+
+
+def head_accuracy(head: keras.Model, test_features: np.ndarray, y_test: np.ndarray) -> float:
+    logits = head(test_features, training=False)  # one call: no predict function traced per head
+    return evaluation.accuracy(y_test, np.argmax(logits, axis=1))
+
+
+def assemble(base: bases.Base, head: keras.Model, num_classes: int, config: Config) -> keras.Model:
+    """The frozen base and its trained head as one model taking (prepared) images."""
+    model = models.add_head(models.freeze(bases.fresh_copy(base).model), num_classes, config.dropout,
+                            name="choose_source")  # fmt: skip
+    model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
+    return models.compile_classifier(model, config.learning_rate)
+
+
+def fine_tune(base: bases.Base, head: keras.Model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray,
+              y_test: np.ndarray, num_classes: int, config: Config) -> tuple[float, dict, float]:  # fmt: skip
+    """``--fine-tune``: after the head, the top layers of the base unfrozen (BatchNorm frozen) at a low rate."""
+    set_seed(config.seed)
+    model = assemble(base, head, num_classes, config)
+    inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    available = len([layer for layer in inner.layers if layer.weights])
+    models.unfreeze_top(inner, min(config.fine_tune_layers, available))
+    models.compile_classifier(model, config.fine_tune_learning_rate)  # recompile after unfreezing
+    start = time.perf_counter()
+    train = data.make_pipeline(base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed)
+    history = model.fit(train, epochs=config.fine_tune_epochs, verbose=0).history
+    seconds = time.perf_counter() - start
+    accuracy = evaluation.accuracy(y_test, evaluation.predict_labels(model, base.prepare(x_test)))
+    return accuracy, history, seconds
+
+
+def train_scratch(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, source: data.Dataset,
+                  target: data.Dataset, config: Config) -> tuple[float, dict, float]:  # fmt: skip
+    """The baseline: the source CNN's architecture (cut at block 2), random weights, trained end to end."""
+    architecture = bases.untrained_source_cnn(target.input_shape, source.num_classes, config.source_width, SOURCE_CUT)
+    set_seed(config.seed)
+    model = models.compile_classifier(bases.scratch_twin(architecture, target.num_classes, config.dropout),
+                                      config.learning_rate)  # fmt: skip
+    start = time.perf_counter()
+    train = data.make_pipeline(x, y, config.batch_size, shuffle=True, seed=config.seed)
+    history = model.fit(train, epochs=config.epochs, verbose=0).history
+    seconds = time.perf_counter() - start
+    return evaluation.accuracy(y_test, evaluation.predict_labels(model, x_test)), history, seconds
+
+
+def judge(candidates: list[Candidate], score_names: list[str], truth: str = "test_accuracy") -> dict:
+    """Per score: rank correlations with the ``truth`` accuracies, its pick and the pick's gap to the best.
+
+    Undefined figures (a correlation over fewer than 3 scored candidates, no pick) are None.
+    """
+    names = [c.name for c in candidates]
+    accuracies = [c.figures[truth] for c in candidates]
+    verdicts = {}
+    for score in score_names:
+        values = [c.figures[score] for c in candidates]
+        verdict = transferability.rank_correlations(values, accuracies) | transferability.pick(
+            names, values, accuracies
+        )
+        verdicts[score] = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in verdict.items()}
+    return verdicts
+
+
+def plot_scores(candidates: list[Candidate], score_names: list[str], scratch_accuracy: float,
+                verdicts: dict | None = None) -> dict:  # fmt: skip
+    """One scatter plot per score: score against test accuracy (%), one labelled point per scored candidate."""
+    figures = {}
+    for score in score_names:
+        tau = (verdicts or {}).get(score, {}).get("weighted_tau")
+        points = {c.name: (c.figures[score], 100 * c.figures["test_accuracy"]) for c in candidates
+                  if math.isfinite(c.figures[score])}  # fmt: skip
+        figures[f"scatter_{score}"] = evaluation.plot_labelled_scatter(
+            points, f"{score} (higher: should transfer better)", "test accuracy (%)",
+            f"{score} against the accuracy reached" + (f" (weighted tau {tau:+.2f})" if tau is not None else ""),
+            reference=("scratch", 100 * scratch_accuracy),
+        )  # fmt: skip
+    return figures
+
+
+def score_table(candidates: list[Candidate], score_names: list[str], scratch_accuracy: float) -> str:
+    """Candidate, each score, test accuracy and gain over scratch (points), one row each."""
+    rows = [("candidate", *score_names, "test acc", "vs scratch")]
+    for c in candidates:
+        shown = [f"{c.figures[s]:.3f}" if math.isfinite(c.figures[s]) else "n/a" for s in score_names]
+        accuracy = c.figures["test_accuracy"]
+        rows.append((c.name, *shown, f"{100 * accuracy:.1f}%", f"{100 * (accuracy - scratch_accuracy):+.1f}"))
+    rows.append(("scratch", *["-"] * len(score_names), f"{100 * scratch_accuracy:.1f}%", "(baseline)"))
+    return evaluation.text_table(rows)
+
+
+def verdict_table(verdicts: dict) -> str:
+    """Score, its weighted tau and Spearman correlation, its pick, the pick's accuracy and gap to the best."""
+    rows = [("score", "weighted tau", "spearman", "pick", "pick acc", "below best")]
+    for score, v in verdicts.items():
+        shown = [f"{v[k]:+.2f}" if v[k] is not None else "n/a" for k in ("weighted_tau", "spearman")]
+        if v["pick"] is None:
+            rows.append((score, *shown, "none", "n/a", "n/a"))
+        else:
+            rows.append((score, *shown, v["pick"], f"{100 * v['pick_truth']:.1f}%", f"{100 * v['regret']:.1f} pts"))
+    return evaluation.text_table(rows)
+
+
+def score_all(candidates: list[Candidate], x: np.ndarray, y: np.ndarray, score_names: list[str]) -> None:
+    """Step 1: the features of the labelled images once per candidate (kept for its head), then every score."""
+    for c in candidates:
+        features, feature_seconds = extract_features(c.base, x)
+        values, seconds = score_candidate(c, features, x, y, score_names)
+        c.figures = dict(values, features=features, feature_seconds=feature_seconds, score_seconds=seconds)
+        shown = ", ".join(f"{s} {v:.3f}" for s, v in values.items())
+        print(f"  {c.name}: {features.shape[1]} features; {shown}")
+
+
+def ground_truth(candidates: list[Candidate], x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                 num_classes: int, config: Config) -> dict:  # fmt: skip
+    """Step 2: each candidate used for real: a head on its cached features (and ``--fine-tune``); histories."""
+    histories = {}
+    for c in candidates:
+        head, histories[c.name], head_seconds = train_head(c.figures["features"], y, num_classes, config)
+        test_features, _ = extract_features(c.base, x_test)
+        c.figures |= {"head": head, "test_accuracy": head_accuracy(head, test_features, y_test),
+                      "head_seconds": head_seconds}  # fmt: skip
+        shown = f"  {c.name}: test accuracy {100 * c.figures['test_accuracy']:.1f}% (head {head_seconds:.1f} s)"
+        if config.fine_tune:
+            accuracy, histories[f"{c.name}-fine-tune"], seconds = fine_tune(
+                c.base, head, x, y, x_test, y_test, num_classes, config
+            )
+            c.figures |= {"fine_tune_accuracy": accuracy, "fine_tune_seconds": seconds}
+            shown += f", fine-tuned {100 * accuracy:.1f}% ({seconds:.1f} s)"
+        print(shown)
+    return histories
+
+
+def negative_transfer(candidates: list[Candidate], scratch_accuracy: float, verdicts: dict) -> list[str]:
+    """In words: every candidate below scratch, and where each score ranked it among the candidates."""
+    lines = []
+    by_name = {c.name: c for c in candidates}
+    for c in candidates:
+        gain = round(100 * (c.figures["test_accuracy"] - scratch_accuracy), 1)
+        related = by_name.get(f"{c.name.split('-shuffled-labels')[0]}-{c.cut}")  # the same source, true labels
+        if c.kind == "shuffled-labels" and related is not None:
+            below = 100 * (related.figures["test_accuracy"] - c.figures["test_accuracy"])
+            lines.append(f"{c.name} ends {below:.1f} points below {related.name}, the same network trained on the "
+                         "true labels")  # fmt: skip
+        if gain >= 0:
+            continue
+        ranks = []
+        for score in verdicts:
+            scored = [d for d in candidates if math.isfinite(d.figures[score])]
+            if any(d is c for d in scored):
+                place = 1 + sum(d.figures[score] > c.figures[score] for d in scored)
+                ranks.append(f"{score} {place}/{len(scored)}")
+        ranked = f"; ranked {', '.join(ranks)}" if ranks else ""
+        lines.append(f"negative transfer: {c.name} ends {-gain:.1f} points below training from scratch{ranked}")
+    return lines
+
+
+def build_record(config: Config, candidates: list[Candidate], score_names: list[str], scratch: dict, verdicts: dict,
+                 fine_tune_verdicts: dict | None, seconds: float, test_images: int) -> dict:  # fmt: skip
+    """metrics.json: variants = scratch and the candidates, each with its scores, accuracy and times."""
+    variants = {"scratch": {**{s: None for s in score_names}, **scratch}}
+    for c in candidates:
+        f = c.figures
+        variants[c.name] = {
+            **{s: (f[s] if math.isfinite(f[s]) else None) for s in score_names},
+            "test_accuracy": f["test_accuracy"],
+            **({"fine_tune_accuracy": f["fine_tune_accuracy"]} if config.fine_tune else {}),
+            "kind": c.kind, "base": c.base.spec, "cut": c.base.info.get("cut"),
+            "feature_dim": int(f["features"].shape[1]), "source_classifier": c.classifier is not None,
+            "source_test_accuracy": c.base.info.get("source_test_accuracy"),
+            "feature_seconds": round(f["feature_seconds"], 4),
+            "score_seconds": {k: round(v, 4) for k, v in f["score_seconds"].items()},
+            "head_seconds": round(f["head_seconds"], 2),
+        }  # fmt: skip
+    scoring = sum(sum(c.figures["score_seconds"].values()) for c in candidates)
+    heads = sum(c.figures["head_seconds"] for c in candidates)
+    return evaluation.metrics_record(
+        "choose_source", config.dataset, "test_accuracy", "scratch", variants, seconds,
+        scores={s: transferability.PAPERS[s] for s in score_names},
+        correlations=verdicts, fine_tune_correlations=fine_tune_verdicts,
+        seconds_scoring=round(scoring, 3), seconds_heads=round(heads, 2), scoring_over_heads=round(scoring / heads, 4),
+        seconds_features=round(sum(c.figures["feature_seconds"] for c in candidates), 3),
+        labels_per_class=config.labels_per_class, test_images=test_images,
+    )  # fmt: skip
+
+
+# --- The whole recipe -------------------------------------------------------------
+
+
+def run(config: Config) -> dict:
+    """Candidates, their scores, their ground-truth accuracies, and how well each score ranked them."""
+    config = config.resolved()
+    start = time.perf_counter()
+    score_names, candidates = check_config(config)
+    set_seed(config.seed)
+    strategy = make_strategy(config.strategy)
+
+    source, target = load_tasks(config)
+    x, y, x_test, y_test = pick_budget(target, config)
+    # Candidates the user brought first: one that cannot take the images fails before any pretraining.
+    for i in sorted(range(len(candidates)), key=lambda i: candidates[i].kind not in ("backbone", "keras-file")):
+        candidates[i] = build_candidate(candidates[i], config, source, target)
+        check_takes_images(candidates[i], x)
+    run_dir = evaluation.make_run_dir("choose_source", config.out)
+    print(f"source task: {source}\ntarget task: {target}\nrun folder: {run_dir}")
+
+    print("scores (one pass of the labelled images through each candidate):")
+    score_all(candidates, x, y, score_names)
+    print("ground truth (each candidate used for real):")
+    with strategy.scope():
+        histories = ground_truth(candidates, x, y, x_test, y_test, target.num_classes, config)
+        scratch_accuracy, histories["scratch"], scratch_seconds = train_scratch(
+            x, y, x_test, y_test, source, target, config
+        )
+    print(f"  scratch: test accuracy {100 * scratch_accuracy:.1f}% ({scratch_seconds:.1f} s)")
+
+    verdicts = judge(candidates, score_names)
+    fine_tune_verdicts = judge(candidates, score_names, "fine_tune_accuracy") if config.fine_tune else None
+    scratch = {"test_accuracy": scratch_accuracy, "train_seconds": round(scratch_seconds, 2)}
+    record = build_record(config, candidates, score_names, scratch, verdicts, fine_tune_verdicts,
+                          time.perf_counter() - start, len(x_test))  # fmt: skip
+
+    # The model to keep: the first score's pick (of tied picks, the first), its base and head.
+    pick = (verdicts[score_names[0]]["pick"] or candidates[0].name).split("=")[0]
+    kept = next(c for c in candidates if c.name == pick)
+    model = assemble(kept.base, kept.figures["head"], target.num_classes, config)
+    figures = plot_scores(candidates, score_names, scratch_accuracy, verdicts)
+    evaluation.write_run(run_dir, config, record, histories, figures, model=model)
+
+    print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
+    print(score_table(candidates, score_names, scratch_accuracy))
+    print("\nhow well each score ranks the candidates (test accuracy of a head on their features):")
+    print(verdict_table(verdicts))
+    if fine_tune_verdicts:
+        print("\nthe same against the accuracy after fine-tuning:")
+        print(verdict_table(fine_tune_verdicts))
+    print(f"\nscoring every candidate took {record['seconds_scoring']:.2f} s, training their heads "
+          f"{record['seconds_heads']:.1f} s ({record['scoring_over_heads']:.3f} of it); the features of the "
+          f"labelled images, which both use, {record['seconds_features']:.2f} s")  # fmt: skip
+    print("\n".join(negative_transfer(candidates, scratch_accuracy, verdicts)))
+    print(f"model.keras: {kept.name} (the pick of {score_names[0]}) with its head")
+    print(f"wrote {run_dir} in {record['seconds']:.0f} s")
+    return record
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_cli(Config, run, argv, description=__doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    main()

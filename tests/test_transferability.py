@@ -1,0 +1,176 @@
+"""Unit tests of common/transferability.py: each score against its definition, on problems small enough to check."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from common import transferability as tr
+from common.errors import InputError
+
+
+def gaussian_log_evidence(features: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """log N(y; 0, F F^T / alpha + I / beta) / N, straight from the definition (no SVD)."""
+    n = len(y)
+    covariance = features @ features.T / alpha + np.eye(n) / beta
+    _, logdet = np.linalg.slogdet(covariance)
+    return (-n / 2 * math.log(2 * math.pi) - 0.5 * logdet - 0.5 * y @ np.linalg.solve(covariance, y)) / n
+
+
+def brute_force_logme(features: np.ndarray, labels: np.ndarray) -> float:
+    """The evidence maximised over (log alpha, log beta) by a grid, then Nelder-Mead from its best point."""
+    values = []
+    for c in range(labels.max() + 1):
+        y = (labels == c).astype(np.float64)
+
+        def negative(p, y=y):
+            return -gaussian_log_evidence(features, y, math.exp(p[0]), math.exp(p[1]))
+
+        grid = [(a, b) for a in np.linspace(-8, 8, 17) for b in np.linspace(-8, 8, 17)]
+        start = min(grid, key=negative)
+        best = optimize.minimize(negative, start, method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12})
+        values.append(-best.fun)
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("n, d", [(40, 6), (12, 30)])  # more images than features, and fewer (thuml/LogME #23)
+def test_logme_fixed_point_reaches_the_maximum_evidence(n, d):
+    rng = np.random.default_rng(n + d)
+    labels = np.arange(n) % 3
+    features = rng.normal(size=(n, d))
+    features[:, 0] += 2.0 * labels  # some signal, some noise: the best alpha, beta are interior
+    assert tr.logme(features, labels) == pytest.approx(brute_force_logme(features, labels), abs=1e-6)
+
+
+def test_logme_with_labels_fitted_exactly_is_at_least_the_noise_free_limit():
+    """With N <= D the evidence may be largest as beta -> infinity; LogME must not fall below that limit."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(10) % 2
+    features = rng.normal(size=(10, 40))
+    gram = features @ features.T
+    limits = []
+    for c in range(2):  # beta -> infinity: log N(y; 0, F F^T / alpha), maximised at alpha = N / y^T (F F^T)^-1 y
+        y = (labels == c).astype(np.float64)
+        q = y @ np.linalg.solve(gram, y)
+        alpha = 10 / q
+        logdet = np.linalg.slogdet(gram)[1]
+        limits.append((5 * math.log(alpha) - 0.5 * logdet - alpha / 2 * q - 5 * math.log(2 * math.pi)) / 10)
+    score = tr.logme(features, labels)
+    assert math.isfinite(score) and score >= np.mean(limits) - 1e-9
+
+
+def test_logme_does_not_depend_on_the_scale_of_the_features():
+    rng = np.random.default_rng(1)
+    features, labels = rng.normal(size=(30, 8)), np.arange(30) % 3
+    assert tr.logme(100 * features, labels) == pytest.approx(tr.logme(features, labels), abs=1e-6)
+
+
+def test_leep_by_hand_on_three_examples():
+    probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
+    labels = np.array([0, 1, 1])
+    # P(y, z) * 3 = [[0.8, 0.2], [0.8, 1.2]]; P(y | z=0) = (1/2, 1/2), P(y | z=1) = (1/7, 6/7).
+    # Expected empirical predictions of the true labels: 0.8/2 + 0.2/7 = 3/7, 0.3/2 + 0.7 * 6/7 = 3/4,
+    # 0.5/2 + 0.5 * 6/7 = 19/28.
+    expected = (math.log(3 / 7) + math.log(3 / 4) + math.log(19 / 28)) / 3
+    assert tr.leep(probs, labels) == pytest.approx(expected, abs=1e-12)
+
+
+def test_nce_by_hand_on_three_examples():
+    # z = (0, 0, 1), y = (0, 1, 1): given z = 0 (2 of 3 examples) y is a coin flip, given z = 1 it is certain.
+    assert tr.nce(np.array([0, 0, 1]), np.array([0, 1, 1])) == pytest.approx(-2 / 3 * math.log(2), abs=1e-12)
+    assert tr.nce(np.array([1, 0, 0]), np.array([0, 1, 1])) == pytest.approx(0.0, abs=1e-12)  # z determines y
+
+
+def test_leep_and_nce_reject_bad_inputs():
+    with pytest.raises(ValueError, match="softmax"):
+        tr.leep(np.array([[2.0, -1.0], [0.5, 0.5]]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="no example"):
+        tr.nce(np.array([0, 1]), np.array([0, 2]))
+
+
+def test_h_score_matches_its_definition_and_the_regularised_reference():
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(2)
+    for n, d in ((200, 6), (30, 80)):
+        labels = np.arange(n) % 3
+        features = rng.normal(size=(n, d))
+        features[:, 0] += labels
+        centred = features - features.mean(axis=0)
+        class_means = np.zeros_like(centred)
+        for c in range(3):
+            class_means[labels == c] = centred[labels == c].mean(axis=0)
+        between = class_means.T @ class_means / n
+        plain = np.trace(np.linalg.pinv(centred.T @ centred / n, rcond=1e-10) @ between)
+        assert tr.h_score(features, labels, shrinkage=False) == pytest.approx(plain, rel=1e-6)
+        lw = LedoitWolf().fit(features)
+        regularised = np.trace(np.linalg.inv(lw.covariance_) @ ((1 - lw.shrinkage_) * between))
+        assert tr.h_score(features, labels) == pytest.approx(regularised, rel=1e-6)
+        assert tr.ledoit_wolf_shrinkage(features) == pytest.approx(lw.shrinkage_, rel=1e-9)
+    # Fewer images than features: the plain score is C - 1 whatever the features are.
+    noise = rng.normal(size=(30, 80))
+    assert tr.h_score(noise, np.arange(30) % 3, shrinkage=False) == pytest.approx(2.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("dim", [20, 300])
+def test_feature_scores_rank_label_features_above_random_ones(dim):
+    rng = np.random.default_rng(dim)
+    labels = np.arange(100) % 5
+    centres = rng.normal(size=(5, dim))
+    informative = centres[labels] + rng.normal(size=(100, dim))
+    random = rng.normal(size=(100, dim)) * np.sqrt(2.0)  # the same overall scale, no label
+    for score in ("logme", "hscore"):
+        good = tr.compute(score, labels, features=informative)
+        bad = tr.compute(score, labels, features=random)
+        assert good > bad, f"{score}: {good} <= {bad}"
+
+
+def test_source_scores_rank_label_predictions_above_random_ones():
+    rng = np.random.default_rng(3)
+    labels = np.arange(100) % 5
+    # A source classifier over 8 classes whose prediction follows the target class (70% of the time)...
+    source_class = np.where(rng.random(100) < 0.7, labels + 2, rng.integers(0, 8, 100))
+    informative = np.full((100, 8), 0.05)
+    informative[np.arange(100), source_class] += 0.6
+    informative /= informative.sum(axis=1, keepdims=True)
+    # ...against one whose predictions ignore the image.
+    random = rng.dirichlet(np.ones(8), size=100)
+    for score in ("leep", "nce"):
+        good = tr.compute(score, labels, source_probs=informative)
+        bad = tr.compute(score, labels, source_probs=random)
+        assert good > bad, f"{score}: {good} <= {bad}"
+
+
+def test_scores_without_their_input_are_nan():
+    labels = np.arange(10) % 2
+    assert math.isnan(tr.compute("leep", labels, features=np.ones((10, 3))))
+    assert math.isnan(tr.compute("logme", labels, source_probs=np.full((10, 2), 0.5)))
+
+
+def test_rank_correlations_and_picks():
+    names = ["a", "b", "c", "d"]
+    accuracy = [0.9, 0.8, 0.7, 0.6]
+    same = tr.rank_correlations([4.0, 3.0, 2.0, 1.0], accuracy)
+    assert same["weighted_tau"] == pytest.approx(1.0) and same["spearman"] == pytest.approx(1.0)
+    reversed_ = tr.rank_correlations([1.0, 2.0, 3.0, 4.0], accuracy)
+    assert reversed_["weighted_tau"] == pytest.approx(-1.0)
+    unscored = tr.rank_correlations([4.0, math.nan, 2.0, 1.0], accuracy)
+    assert unscored["candidates"] == 3 and unscored["spearman"] == pytest.approx(1.0)
+    assert math.isnan(tr.rank_correlations([1.0, math.nan, math.nan, 2.0], accuracy)["weighted_tau"])
+
+    chosen = tr.pick(names, [1.0, 3.0, 2.0, math.nan], accuracy)
+    assert chosen["pick"] == "b" and chosen["best"] == "a" and chosen["regret"] == pytest.approx(0.1)
+    tied = tr.pick(names, [5.0, 1.0, 5.0, 0.0], accuracy)
+    assert tied["pick"] == "a=c" and tied["regret"] == pytest.approx(0.1)  # the mean gap of a random tie-break
+    assert tr.pick(names, [math.nan] * 4, accuracy)["pick"] is None
+
+
+def test_score_names_are_checked():
+    assert tr.parse_score_names("LogME, hscore") == ["logme", "hscore"]
+    with pytest.raises(InputError, match="unknown score 'leap'; choose from logme, leep, nce, hscore"):
+        tr.parse_score_names("logme,leap")
+    with pytest.raises(InputError, match="named twice"):
+        tr.parse_score_names("nce,nce")
