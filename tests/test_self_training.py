@@ -39,7 +39,7 @@ def check_record_and_run_folder(record: dict, out: Path, rounds: int) -> None:
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(record))
 
 
-@pytest.mark.parametrize("method, rounds", [("noisy_student", 3), ("consistency", 4)])
+@pytest.mark.parametrize("method, rounds", [("curriculum", 2), ("noisy_student", 3), ("consistency", 4)])
 def test_method_runs_and_hidden_labels_change_nothing_but_the_precision(tmp_path, monkeypatch, capsys, method, rounds):
     """A quick run; then the same seed with the pool's hidden labels shuffled: every accuracy and
     histogram stays (so the same seed gives the same run), only the reported precision moves."""
@@ -248,10 +248,13 @@ def bad_inputs(tmp_path):
         (["--student-view", "cutout"], "unknown --student-view 'cutout'; choose one of weak, erasing, randaugment"),
         (["--fractions", "0.5,0.2"], "must not decrease"),
         (["--fractions", "0,1"], r"shares in \(0, 1\]"),
-        (["--threshold", "1.5"], r"--threshold 1.5 is out of range"),
-        (["--labels-per-class", "7000"], r"label budget 7000 per class must lie in 1\.\.6000"),
+        (["--threshold", "1.5"], r"--threshold 1.5: must be at most 1"),
+        (
+            ["--labels-per-class", "7000"],
+            r"--labels-per-class 7000 needs 7000 images per class, but class 0 \('Sandal'\)",
+        ),
         (["--labels-per-class", "6000"], "the unlabeled pool is empty"),
-        (["--student-rounds", "0"], "--student-rounds must be at least 1, got 0"),
+        (["--student-rounds", "0"], "--student-rounds 0: must be at least 1"),
         (["--base", "none"], "only --method consistency applies"),
         (["--base", "no/such/model.keras"], "no such .keras file"),
         (["--source-classes", "0-5"], "two class lists"),
@@ -259,7 +262,10 @@ def bad_inputs(tmp_path):
         (["--pool", "my_images"], "give folder:<path>"),
         (["--pool", "folder:no/such/folder"], "does not exist"),
         (["--pool", "folder:{tmp}/pool"], r"contains 2 of the labeled images"),
-        (["--base", "{tmp}/two_channels.keras"], r"cannot take fashion_mnist's images of shape \(28, 28, 1\)"),
+        (
+            ["--base", "{tmp}/two_channels.keras"],
+            r"takes inputs of shape \(28, 28, 2\); an image model of \(height, width, 1 or 3 channels\) is needed",
+        ),
     ],
 )
 def test_bad_input_fails_before_training(bad_inputs, flags, message, monkeypatch, capsys):
@@ -278,11 +284,12 @@ def test_notebook_runs_in_quick_mode():
 
 # --- Real data, small scale ----------------------------------------------------------------------
 
-# A smaller run than the default: 6,000 unlabeled images, 2,000 test images, one student of
-# two epochs. Measured (seeds 0 / 1 / 2): see MARGIN below; the default run's numbers are in
-# docs/self_training_experiments.md. A broken pseudo-labelling (wrong classes, labels read from
-# the hidden pool, a student that forgets its start) fails it.
-SMALL_RUN = ["--unlabeled", "6000", "--test-images", "2000", "--student-rounds", "1"]
+# A smaller run than the default: 6,000 unlabeled images, 2,000 test images (about 30 s of CPU
+# once the base is cached). Measured with it: self-training above transfer by +1.4 / +2.9 / +2.3
+# points (seeds 0 / 1 / 2; `python -m recipes.self_training --unlabeled 6000 --test-images 2000
+# --seed S`); the test runs seed 0, the smallest gain. A broken pseudo-labelling (wrong classes,
+# pseudo-labels misaligned with the pool, a head fit on the labels alone) fails it.
+SMALL_RUN = ["--unlabeled", "6000", "--test-images", "2000"]
 MARGIN = 0.01
 
 
