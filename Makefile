@@ -6,10 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help setup data demo test lint bench clean
+.PHONY: help setup data demo demo-multiworker test lint bench clean
 
 help:
 	@echo "make demo    set up (venv, requirements, Fashion-MNIST), then run python -m recipes.weight_transfer"
+	@echo "make demo-multiworker  the same, --quick, as two local workers (MultiWorkerMirroredStrategy)"
 	@echo "make test    set up, then ruff and the whole test suite (CI runs this via bash .ci/run)"
 	@echo "make bench   set up, then run the speed benchmarks in tests/benchmarks/"
 	@echo "make setup   only the set-up; make lint: only ruff; make clean: remove runs/"
@@ -33,6 +34,10 @@ data: $(VENV)/.installed
 
 demo: setup
 	$(PY) -m recipes.weight_transfer
+
+# Two workers on 127.0.0.1 (free ports, CPU), each with its TF_CONFIG; prints the chief's output.
+demo-multiworker: setup
+	$(PY) -m common.distributed --workers 2 --timeout 900 recipes.weight_transfer --quick
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

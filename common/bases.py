@@ -460,6 +460,35 @@ def feature_extractor(base: Base) -> keras.Model:
     return keras.Model(inputs, x, name="features")
 
 
+def extract_features(base: Base, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, float]:
+    """Images in [0, 1] once through the frozen base (``feature_extractor``): (N, D) features and seconds.
+
+    The model is called on batches directly (``training=False``) rather than through
+    ``predict``, which would trace a new predict function for every base.
+    """
+    start = time.perf_counter()
+    extractor = feature_extractor(base)
+    inputs = base.prepare(images)
+    features = np.concatenate([
+        np.asarray(extractor(inputs[i : i + batch_size], training=False)) for i in range(0, len(inputs), batch_size)
+    ])  # fmt: skip
+    return features, time.perf_counter() - start
+
+
+def check_takes_images(base: Base, images: np.ndarray, what: str) -> None:
+    """Run two of ``images`` through the base (and its ``source_model``): an ``InputError`` naming ``what`` if not."""
+    try:
+        inputs = base.prepare(images[:2])
+        feature_extractor(base)(inputs, training=False)
+        if base.source_model is not None:
+            base.source_model(inputs, training=False)
+    except Exception as error:
+        raise InputError(
+            f"{what} (input {base.input_shape}) cannot take the target's images of shape {images.shape[1:]}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
 def scratch_twin(base: Base, num_classes: int, dropout: float, name: str = "scratch",
                  bn_momentum: float = 0.9) -> keras.Model:  # fmt: skip
     """The base's architecture with fresh random weights and the same head, all trainable.

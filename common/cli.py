@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 from common.errors import InputError, MissingInputError  # noqa: F401  (re-exported for recipes)
 
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker")
 DEBUG_ENV = "RECIPES_DEBUG"
 
 
@@ -45,13 +45,23 @@ class RecipeConfig:
     seed: int = knob(0, "Seed for data sampling, weight init and shuffling.", minimum=0)
     out: str = knob("", "Run folder; default runs/<recipe>/<timestamp>.")
     quick: bool = knob(False, "Tiny settings for smoke tests and CI; never overrides a flag you give.")
-    strategy: str = knob("default", "tf.distribute strategy: default | mirrored.")
+    strategy: str = knob(
+        "default",
+        "tf.distribute strategy: default | mirrored (all local GPUs, else CPU) | multi_worker (hosts listed in the "
+        "TF_CONFIG environment variable; see README 'More than one machine').",
+    )
+    backup_dir: str = knob(
+        "", "Back up every training phase here each epoch; the same command resumes a killed run (removed at the end)."
+    )
     debug: bool = knob(False, f"Show the full traceback of an input error (or set {DEBUG_ENV}=1).")
     # Fields given on the command line (filled by parse_config); --quick leaves them alone.
     given: tuple[str, ...] = field(default=(), compare=False, repr=False, metadata={"cli": False})
 
     # Field overrides applied by --quick; each recipe sets its own.
     QUICK: ClassVar[dict[str, Any]] = {}
+    # Whether the recipe trains through common.distributed (multi_worker) and honours --backup-dir.
+    MULTI_WORKER: ClassVar[bool] = False
+    BACKUP: ClassVar[bool] = False
 
     def resolved(self) -> RecipeConfig:
         """This config with the ``--quick`` overrides applied, and its values checked.
@@ -62,6 +72,15 @@ class RecipeConfig:
         """
         if self.strategy not in STRATEGIES:
             raise InputError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        recipe = type(self).__module__.rpartition(".")[2]
+        if self.strategy == "multi_worker" and not self.MULTI_WORKER:
+            raise InputError(
+                f"{recipe} does not support --strategy multi_worker yet: its training does not run through "
+                "common.distributed.train, the one path that works under MultiWorkerMirroredStrategy (Keras 3's "
+                "fit fails there, keras-team/keras#20585); use --strategy default or mirrored"
+            )
+        if self.backup_dir and not self.BACKUP:
+            raise InputError(f"{recipe} does not support --backup-dir yet; run it without the flag")
         config = self
         if self.quick:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -157,9 +176,19 @@ def set_seed(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def make_strategy(name: str):
-    """``tf.distribute`` strategy by name; ``mirrored`` uses every visible GPU, or the CPU devices."""
+def make_strategy(name: str, timeout: float | None = None):
+    """``tf.distribute`` strategy by name; ``mirrored`` uses every visible GPU, or the CPU devices.
+
+    ``multi_worker``: ``MultiWorkerMirroredStrategy`` with the cluster read from ``TF_CONFIG``
+    (``InputError`` with a two-worker example when it is missing or malformed, or when a
+    worker does not join within ``timeout`` seconds); see ``common.distributed``.
+    """
     import tensorflow as tf
+
+    if name == "multi_worker":
+        from common import distributed
+
+        return distributed.multi_worker_strategy(timeout)
 
     if name == "default":
         return tf.distribute.get_strategy()

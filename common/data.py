@@ -36,7 +36,7 @@ from __future__ import annotations
 import gzip
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -669,6 +669,50 @@ def select_classes(dataset: Dataset, classes: list[int]) -> Dataset:
     return Dataset(dataset.name, x_train, y_train, x_test, y_test, names)
 
 
+def load_tasks(name: str, source_classes: str, target_classes: str, image_size: int = 0,
+               seed: int = 0) -> tuple[Dataset, Dataset]:  # fmt: skip
+    """The source and target tasks of dataset ``name``: class lists parsed and checked, labels re-indexed from 0.
+
+    ``source_classes`` and ``target_classes`` as ``parse_classes`` reads them (``"0-4"``,
+    ``"5,7,9"``); they must not overlap (``InputError`` otherwise). ``image_size`` resizes
+    ``tfds:`` and ``folder:`` images (0: native); ``seed`` draws a folder's test split.
+    """
+    dataset = load_dataset(name, image_size=image_size or None, seed=seed)
+    source, target = parse_classes(source_classes), parse_classes(target_classes)
+    check_class_split(dataset, source, target)
+    return select_classes(dataset, source), select_classes(dataset, target)
+
+
+def label_budget(target: Dataset, labels_per_class: int, seed: int,
+                 test_images: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """``labels_per_class`` training images per class drawn with ``seed``, and the test set.
+
+    Returns ``(x, y, x_test, y_test)``: x (C * labels_per_class, H, W, ch); the test set as
+    ``subsample_test(target, test_images, seed)`` (0: all of it). A class with fewer than
+    ``labels_per_class`` training images is an ``InputError`` naming ``--labels-per-class``
+    and the class.
+    """
+    picked = sample_per_class(target.y_train, labels_per_class, seed, target.class_names,
+                              what=f"--labels-per-class {labels_per_class}")  # fmt: skip
+    return (target.x_train[picked], target.y_train[picked], *subsample_test(target, test_images, seed))
+
+
+def subsample_test(dataset: Dataset, test_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``dataset``'s test set, or a stratified subset of about ``test_images`` of it drawn with ``seed``.
+
+    The same number per class (``test_images // num_classes``, at least 1, at most the
+    smallest class's count); ``test_images`` 0 or at least the test set's size keeps it all.
+    Returns ``(x_test, y_test)``.
+    """
+    x_test, y_test = dataset.x_test, dataset.y_test
+    if test_images and test_images < len(x_test):
+        per_class = max(1, test_images // dataset.num_classes)
+        smallest = int(np.bincount(y_test, minlength=dataset.num_classes).min())
+        keep = sample_per_class(y_test, min(per_class, smallest), seed, dataset.class_names)
+        x_test, y_test = x_test[keep], y_test[keep]
+    return x_test, y_test
+
+
 def check_per_class(labels: np.ndarray, per_class: int, class_names: list[str] | None = None, what: str = "") -> None:
     """Raise ``InputError`` unless every class has at least ``per_class`` examples (and ``per_class`` >= 1).
 
@@ -765,6 +809,12 @@ def check_same_classes(source: Dataset, target: Dataset) -> None:
     if not only_source and not only_target:
         detail = f"the same names in another order: {source.class_names} vs {target.class_names}"
     raise InputError(f"source {source.name!r} and target {target.name!r} must have the same classes; {detail}")
+
+
+def with_input_shape(dataset: Dataset, shape: tuple[int, int, int]) -> Dataset:
+    """``dataset`` with its training and test images converted (``to_input_shape``) to ``shape``."""
+    return replace(dataset, x_train=to_input_shape(dataset.x_train, shape),
+                   x_test=to_input_shape(dataset.x_test, shape))  # fmt: skip
 
 
 def make_pipeline(

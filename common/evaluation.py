@@ -120,10 +120,14 @@ def comparison_table(record: dict) -> str:
         else:
             shown, gain = f"{value:.4g}", f"{base_value - value:+.4g}"
         rows.append((name, shown, "(baseline)" if name == baseline else gain))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return text_table(rows)
+
+
+def text_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of strings as left-aligned columns, the first row the header, a dashed rule under it."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 # --- Plots ------------------------------------------------------------------------
@@ -218,11 +222,37 @@ def plot_budget_curve(budgets: list[int], results: dict[str, list[float]], metri
     return fig
 
 
+def plot_labelled_scatter(points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str = "",
+                          reference: tuple[str, float] | None = None):  # fmt: skip
+    """One point per name at ``(x, y)``, labelled; ``reference`` = (label, y) draws a dashed horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (x, y) in points.items():
+        ax.scatter(x, y, color="tab:blue")
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.ticklabel_format(axis="x", useOffset=False)  # nearly equal scores: their values, not an offset
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 # --- The run folder ---------------------------------------------------------------
 
 
 def make_run_dir(recipe: str, out: str = "") -> Path:
-    """``out`` if given, else ``runs/<recipe>/<YYYYmmdd-HHMMSS>`` (made unique)."""
+    """``out`` if given, else ``runs/<recipe>/<YYYYmmdd-HHMMSS>`` (made unique).
+
+    In a multi-worker run only the chief gets that folder; another worker gets a temporary
+    folder removed at exit (TensorFlow's convention: non-chief workers write nowhere else).
+    """
+    from common import distributed
+
+    if not distributed.is_chief():
+        return distributed.worker_temp_dir(recipe)
     path = Path(out) if out else Path("runs") / recipe / time.strftime("%Y%m%d-%H%M%S")
     if not out:
         base, n = path, 1
@@ -291,34 +321,6 @@ def write_run(run_dir: Path, config, record: dict, histories: dict[str, dict] | 
         model.save(run_dir / "model.keras")
     write_json_atomic(run_dir / "metrics.json", record)
     return run_dir
-
-
-# --- Added for recipes.choose_source ----------------------------------------------------
-
-
-def text_table(rows: list[tuple[str, ...]]) -> str:
-    """Rows of strings as left-aligned columns, the first row the header, a dashed rule under it."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
-
-
-def plot_labelled_scatter(points: dict[str, tuple[float, float]], xlabel: str, ylabel: str, title: str = "",
-                          reference: tuple[str, float] | None = None):  # fmt: skip
-    """One point per name at ``(x, y)``, labelled; ``reference`` = (label, y) draws a dashed horizontal line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (x, y) in points.items():
-        ax.scatter(x, y, color="tab:blue")
-        ax.annotate(name, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    if reference is not None:
-        ax.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
-        ax.legend(fontsize=8)
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.ticklabel_format(axis="x", useOffset=False)  # nearly equal scores: their values, not an offset
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 # --- Domain adaptation: how far apart two domains are in a feature space -----------

@@ -6,12 +6,16 @@ Every classifier here emits logits (no softmax layer): pair it with
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
 
+from common import data
 from common.errors import InputError, MissingInputError
 from common.evaluation import EpochTimer
 
@@ -212,6 +216,91 @@ def fit_steps(model: keras.Model, pipeline, steps: int, chunks: int = 10) -> dic
     history = model.fit(pipeline.repeat(), epochs=chunks, steps_per_epoch=steps // chunks, verbose=0,
                         callbacks=[EpochTimer()])  # fmt: skip
     return history.history
+
+
+# --- Training on arrays, and heads on cached features ---------------------------------
+
+
+def fit_timed(model: keras.Model, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, seed: int,
+              augment=None, strategy=None, backup_dir=None) -> tuple[dict, float]:  # fmt: skip
+    """Train on (x, y) through a shuffling ``data.make_pipeline`` (reseeded each epoch by ``seed``).
+
+    ``augment``: a callable on a batch of images (``make_pipeline``). Training goes through
+    ``distributed.train``: ``model.fit`` except under ``--strategy multi_worker`` (the shared
+    distributed step); ``backup_dir`` (``distributed.Backup.phase``) makes it resumable.
+    Returns the history dict (with ``epoch_seconds``) and the wall seconds of training.
+    ``model`` must be compiled (under ``strategy.scope()`` if a strategy is given).
+    """
+    import tensorflow as tf
+
+    from common import distributed
+
+    start = time.perf_counter()
+    train = data.make_pipeline(x, y, batch_size, shuffle=True, augment=augment, seed=seed)
+    history = distributed.train(model, train, epochs, strategy or tf.distribute.get_strategy(), backup_dir=backup_dir,
+                                verbose=0)  # fmt: skip
+    return history, time.perf_counter() - start
+
+
+def feature_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Model:
+    """Dropout and a Dense layer (``classifier``) emitting logits, on feature vectors (N, feature_dim)."""
+    inputs = keras.Input((feature_dim,))
+    x = layers.Dropout(dropout, name="head_dropout")(inputs)
+    outputs = layers.Dense(num_classes, name="classifier")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, dropout: float, learning_rate: float,
+                           epochs: int, batch_size: int, seed: int, strategy=None,
+                           backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
+    """A new ``feature_head`` trained alone on cached features: the fast path of a frozen base.
+
+    ``features`` (N, D), ``y`` (N,) integer labels. A frozen base without augmentation maps
+    an image to the same features at every epoch, so they are computed once (Keras guide
+    "Transfer learning & fine-tuning"). The head is built under ``strategy.scope()`` if a
+    strategy is given; its initial weights follow the global RNG state (seed first for a
+    reproducible head). ``backup_dir``: resumable (``fit_timed``). Returns the head, its
+    history and the training seconds.
+    """
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        # A head step takes microseconds: run 64 per compiled call, not one (same updates).
+        head = compile_classifier(feature_head(features.shape[1], num_classes, dropout), learning_rate,
+                                  steps_per_execution=64)  # fmt: skip
+    history, seconds = fit_timed(head, features, y, epochs, batch_size, seed, strategy=strategy, backup_dir=backup_dir)
+    return head, history, seconds
+
+
+def head_on_base(base_model: keras.Model, head: keras.Model, num_classes: int, dropout: float, learning_rate: float,
+                 name: str) -> keras.Model:  # fmt: skip
+    """The frozen ``base_model`` and a ``feature_head`` trained on its features as one compiled model on images.
+
+    ``add_head`` on the frozen base, with the head's ``classifier`` weights copied (its
+    dropout has none); pooled like ``bases.feature_extractor`` if the base emits a feature map.
+    """
+    model = add_head(freeze(base_model), num_classes, dropout, name=name)
+    model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
+    return compile_classifier(model, learning_rate)
+
+
+def inner_base(model: keras.Model) -> keras.Model:
+    """The base sub-model inside a model built by ``add_head`` (its first layer that is a ``keras.Model``)."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def count_weighted_layers(model: keras.Model) -> int:
+    """How many of ``model``'s (top-level) layers have weights: what ``unfreeze_top`` counts."""
+    return len([layer for layer in model.layers if layer.weights])
+
+
+def unfreeze_base_top(model: keras.Model, num_layers: int, learning_rate: float) -> list[str]:
+    """Unfreeze the top ``num_layers`` layers with weights of ``model``'s base (``unfreeze_top``) and recompile.
+
+    ``model``: an ``add_head`` model. BatchNorm stays frozen; the recompile (Adam at
+    ``learning_rate``) makes the change take effect. Returns the names of the layers unfrozen.
+    """
+    unfrozen = unfreeze_top(inner_base(model), num_layers)
+    compile_classifier(model, learning_rate)  # recompile, or the change is ignored
+    return unfrozen
 
 
 # --- Weight copy ------------------------------------------------------------------

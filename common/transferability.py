@@ -26,6 +26,7 @@ noted in each docstring. Labels are integers 0..C-1, every class present.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -321,6 +322,25 @@ def compute(name: str, labels: np.ndarray, features: np.ndarray | None = None,
     return leep(source_probs, labels) if name == "leep" else nce(np.argmax(source_probs, axis=1), labels)
 
 
+def compute_timed(names: Sequence[str], labels: np.ndarray, features: np.ndarray | None = None,
+                  source_probs: np.ndarray | None = None) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """Every score in ``names`` (``compute``), each timed: ``({name: value}, {name: seconds})``.
+
+    The scores run with one BLAS thread (``threadpoolctl``): their problems are small and
+    dense (100 x 100 SVDs), where more threads on shared cores cost 0.1-5 s instead of 10 ms,
+    and one thread keeps clear of TensorFlow's.
+    """
+    from threadpoolctl import threadpool_limits
+
+    values, seconds = {}, {}
+    with threadpool_limits(1, user_api="blas"):
+        for name in names:
+            start = time.perf_counter()
+            values[name] = compute(name, labels, features=features, source_probs=source_probs)
+            seconds[name] = time.perf_counter() - start
+    return values, seconds
+
+
 def rank_correlations(scores: Sequence[float], truth: Sequence[float]) -> dict:
     """How well ``scores`` rank candidates the way ``truth`` (e.g. test accuracy) does.
 
@@ -365,3 +385,54 @@ def pick(names: Sequence[str], scores: Sequence[float], truth: Sequence[float]) 
     result["pick_truth"] = float(np.mean(t[top]))
     result["regret"] = float(t[best] - np.mean(t[top]))
     return result
+
+
+def judge(names: Sequence[str], scores: dict[str, Sequence[float]], truth: Sequence[float]) -> dict:
+    """Every score judged against the truth: ``rank_correlations`` and ``pick``, merged, per score.
+
+    ``names`` and ``truth`` (K,): one entry per candidate; ``scores`` maps a score name to its
+    (K,) values (NaN where a candidate has none). Returns ``{score: {"weighted_tau", "spearman",
+    "candidates", "pick", "pick_truth", "best", "best_truth", "regret"}}`` with every undefined
+    figure (NaN) as None, ready for JSON.
+    """
+    verdicts = {}
+    for score, values in scores.items():
+        verdict = rank_correlations(values, truth) | pick(names, values, truth)
+        verdicts[score] = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in verdict.items()}
+    return verdicts
+
+
+def verdict_table(verdicts: dict) -> str:
+    """``judge``'s verdicts as a text table: score, weighted tau, Spearman, pick, its truth (%) and gap (points)."""
+    from common.evaluation import text_table
+
+    rows = [("score", "weighted tau", "spearman", "pick", "pick acc", "below best")]
+    for score, v in verdicts.items():
+        shown = [f"{v[k]:+.2f}" if v[k] is not None else "n/a" for k in ("weighted_tau", "spearman")]
+        if v["pick"] is None:
+            rows.append((score, *shown, "none", "n/a", "n/a"))
+        else:
+            rows.append((score, *shown, v["pick"], f"{100 * v['pick_truth']:.1f}%", f"{100 * v['regret']:.1f} pts"))
+    return text_table(rows)
+
+
+def plot_against_truth(names: Sequence[str], scores: dict[str, Sequence[float]], truth: Sequence[float],
+                       verdicts: dict | None = None, reference: tuple[str, float] | None = None) -> dict:  # fmt: skip
+    """One scatter plot per score: its values against the ``truth`` (e.g. test accuracy in %), a labelled point each.
+
+    ``names`` and ``truth`` (K,), ``scores`` maps a score name to (K,) values; candidates with
+    a NaN score are left out. ``verdicts`` (``judge``) puts each score's weighted tau in its
+    title; ``reference`` = (label, truth) draws a dashed line (e.g. the from-scratch baseline).
+    Returns ``{"scatter_<score>": matplotlib Figure}``.
+    """
+    from common.evaluation import plot_labelled_scatter
+
+    figures = {}
+    for score, values in scores.items():
+        tau = (verdicts or {}).get(score, {}).get("weighted_tau")
+        points = {n: (v, t) for n, v, t in zip(names, values, truth) if math.isfinite(v)}
+        title = f"{score} against the accuracy reached" + (f" (weighted tau {tau:+.2f})" if tau is not None else "")
+        figures[f"scatter_{score}"] = plot_labelled_scatter(
+            points, f"{score} (higher: should transfer better)", "test accuracy (%)", title, reference=reference
+        )
+    return figures

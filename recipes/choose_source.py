@@ -28,12 +28,12 @@ What the default run does (``python -m recipes.choose_source``):
    time to score every candidate against the time to train their heads.
 
 Measured over seeds 0-2 (``--seed S``, two CPU cores shared with other jobs): scratch
-88.5-90.9%; the real source cut at block 2 is the best candidate on every seed (+1.6 points
-on average) and LogME picks it every time, weighted tau 0.48-0.93 (mean 0.70; H-score 0.44,
-LEEP 0.10, NCE 0.06: LEEP and NCE prefer the digits source). The shuffled-label source ends
-7-12 points below scratch, ranked last by LogME, LEEP and H-score. Scoring all six takes
-about 0.5 s, 2-3% of training their heads. 89-113 s with the bases cached, 7 minutes from an
-empty cache (``docs/choose_source_experiments.md`` has every number and command).
+88.5-90.9%; the real source cut at block 2 is the best candidate on every seed (+1.7 points
+on average) and LogME picks it every time, weighted tau 0.59-0.69 (mean 0.62; H-score 0.46,
+LEEP and NCE 0.10: they prefer the digits source). The shuffled-label source ends 10-14
+points below scratch, ranked last by all four scores. Scoring all six takes 0.5-0.8 s, 2-3%
+of training their heads. 86-96 s with the bases cached, 6-7 minutes from an empty cache
+(``docs/choose_source_experiments.md`` has every number and command).
 """
 
 from __future__ import annotations
@@ -46,8 +46,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from keras import layers
-from threadpoolctl import threadpool_limits
 
 from common import bases, data, evaluation, models, transferability
 from common.cli import InputError, MissingInputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
@@ -105,14 +103,9 @@ class Candidate:
 # --- Steps ------------------------------------------------------------------------
 
 
-def source_tag(config: Config) -> str:
-    """``--source-classes`` as it appears in candidate names: '0-4' -> '0-4', '0,2,4' -> '0+2+4'."""
-    return config.source_classes.replace(" ", "").replace(",", "+")
-
-
 def parse_candidates(config: Config) -> list[Candidate]:
     """``--candidates`` -> named candidates, checked (names, duplicates, backbone settings) before any work."""
-    tag = source_tag(config)
+    tag = config.source_classes.replace(" ", "").replace(",", "+")  # in candidate names: '0,2,4' -> '0+2+4'
     source_names = re.compile(rf"source-{re.escape(tag)}-(?:(shuffled-labels)(?:-(block[123]))?|(block[123]))")
     tokens = [t.strip() for t in config.candidates.split(",") if t.strip()]
     defaults = [f"source-{tag}-block1", f"source-{tag}-block2", f"source-{tag}-block3",
@@ -161,38 +154,11 @@ def check_config(config: Config) -> tuple[list[str], list[Candidate]]:
     return scores, parse_candidates(config)
 
 
-def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
-    """The source and target tasks, class lists checked, labels re-indexed from 0."""
-    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
-    source_classes = data.parse_classes(config.source_classes)
-    target_classes = data.parse_classes(config.target_classes)
-    data.check_class_split(dataset, source_classes, target_classes)
-    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
-
-
-def pick_budget(target: data.Dataset, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``labels_per_class`` training images per class (seeded), and the (optionally subsampled) test set."""
-    picked = data.sample_per_class(target.y_train, config.labels_per_class, config.seed)
-    x_test, y_test = target.x_test, target.y_test
-    if config.test_images and config.test_images < len(x_test):
-        per_class = min(max(1, config.test_images // target.num_classes), int(np.bincount(y_test).min()))
-        keep = data.sample_per_class(y_test, per_class, config.seed)
-        x_test, y_test = x_test[keep], y_test[keep]
-    return target.x_train[picked], target.y_train[picked], x_test, y_test
-
-
 def source_settings(config: Config, **changes) -> bases.SourceSettings:
     # Pretrained with seed 0 whatever --seed is, so that every seed reuses the cached bases.
     settings = bases.SourceSettings(width=config.source_width, epochs=config.source_epochs,
                                     max_images=config.source_images)  # fmt: skip
     return replace(settings, **changes)
-
-
-def digits_task(input_shape: tuple[int, int, int]) -> data.Dataset:
-    """scikit-learn's 8x8 digits, resized (and converted to RGB if need be) to the target's image shape."""
-    digits = data.load_dataset("digits", seed=0)
-    return replace(digits, x_train=data.to_input_shape(digits.x_train, input_shape),
-                   x_test=data.to_input_shape(digits.x_test, input_shape))  # fmt: skip
 
 
 def build_candidate(candidate: Candidate, config: Config, source: data.Dataset, target: data.Dataset) -> Candidate:
@@ -203,7 +169,8 @@ def build_candidate(candidate: Candidate, config: Config, source: data.Dataset, 
     elif candidate.kind == "digits":
         # Batches of 32: 675 steps, enough for the BatchNorm moving statistics to settle (10 epochs of 64: 20% test).
         settings = source_settings(config, epochs=config.digits_epochs, max_images=0, batch_size=32)
-        base = bases.source_cnn_base(digits_task(target.input_shape), settings, cut=candidate.cut)
+        digits = data.with_input_shape(data.load_dataset("digits", seed=0), target.input_shape)
+        base = bases.source_cnn_base(digits, settings, cut=candidate.cut)
     elif candidate.kind == "untrained":
         base = bases.untrained_source_cnn(target.input_shape, source.num_classes, config.source_width, candidate.cut)
     else:
@@ -215,31 +182,6 @@ def build_candidate(candidate: Candidate, config: Config, source: data.Dataset, 
     return replace(candidate, base=base, classifier=bases.source_classifier(base))
 
 
-def check_takes_images(candidate: Candidate, images: np.ndarray) -> None:
-    """Run two target images through the candidate: an InputError naming it if it cannot take them."""
-    try:
-        inputs = candidate.base.prepare(images[:2])
-        bases.feature_extractor(candidate.base)(inputs, training=False)
-        if candidate.classifier is not None:
-            candidate.classifier(inputs, training=False)
-    except Exception as error:
-        raise InputError(
-            f"candidate {candidate.name!r} (input {candidate.base.input_shape}) cannot take the target's "
-            f"images of shape {images.shape[1:]}: {type(error).__name__}: {error}"
-        ) from error
-
-
-def extract_features(base: bases.Base, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, float]:
-    """The images once through the frozen base (inference mode, pooled if a feature map); features and seconds."""
-    start = time.perf_counter()
-    extractor = bases.feature_extractor(base)
-    inputs = base.prepare(images)
-    features = np.concatenate([
-        np.asarray(extractor(inputs[i : i + batch_size], training=False)) for i in range(0, len(inputs), batch_size)
-    ])  # fmt: skip
-    return features, time.perf_counter() - start
-
-
 def score_candidate(candidate: Candidate, features: np.ndarray, x: np.ndarray, y: np.ndarray,
                     score_names: list[str]) -> tuple[dict, dict]:  # fmt: skip
     """Every score of one candidate, each timed; returns ({score: value}, {step: seconds}).
@@ -247,56 +189,18 @@ def score_candidate(candidate: Candidate, features: np.ndarray, x: np.ndarray, y
     LEEP and NCE first need the source classifier's predictions on the labelled images
     (``source_predictions`` seconds, counted in the scoring time).
     """
-    seconds = {}
-    probs = None
+    probs, start = None, time.perf_counter()
     if candidate.classifier is not None and any(transferability.SCORES[s] == "source_probs" for s in score_names):
-        start = time.perf_counter()
         probs = bases.source_probabilities(candidate.classifier, candidate.base.prepare(x))
-        seconds["source_predictions"] = time.perf_counter() - start
-    values = {}
-    # Small dense problems (100 x 100 SVDs): one BLAS thread is fastest, and keeps clear of TensorFlow's.
-    with threadpool_limits(1, user_api="blas"):
-        for name in score_names:
-            start = time.perf_counter()
-            values[name] = transferability.compute(name, y, features=features, source_probs=probs)
-            seconds[name] = time.perf_counter() - start
-    return values, seconds
-
-
-def build_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Model:
-    """Dropout and a Dense layer emitting logits, on cached feature vectors (as recipes.feature_extraction)."""
-    inputs = keras.Input((feature_dim,))
-    x = layers.Dropout(dropout, name="head_dropout")(inputs)
-    outputs = layers.Dense(num_classes, name="classifier")(x)
-    return keras.Model(inputs, outputs, name="head")
-
-
-def train_head(
-    features: np.ndarray, y: np.ndarray, num_classes: int, config: Config
-) -> tuple[keras.Model, dict, float]:
-    """The ground truth's training: the head alone on the cached features; returns head, history, seconds."""
-    set_seed(config.seed)  # each head's initialisation does not depend on the candidates before it
-    # A head step takes microseconds: run 64 per compiled call, not one (same updates).
-    head = models.compile_classifier(
-        build_head(features.shape[1], num_classes, config.dropout), config.learning_rate, steps_per_execution=64
-    )
-    start = time.perf_counter()
-    train = data.make_pipeline(features, y, config.batch_size, shuffle=True, seed=config.seed)
-    history = head.fit(train, epochs=config.epochs, verbose=0).history
-    return head, history, time.perf_counter() - start
-
-
-def head_accuracy(head: keras.Model, test_features: np.ndarray, y_test: np.ndarray) -> float:
-    logits = head(test_features, training=False)  # one call: no predict function traced per head
-    return evaluation.accuracy(y_test, np.argmax(logits, axis=1))
+    predictions = {"source_predictions": time.perf_counter() - start} if probs is not None else {}
+    values, seconds = transferability.compute_timed(score_names, y, features=features, source_probs=probs)
+    return values, predictions | seconds
 
 
 def assemble(base: bases.Base, head: keras.Model, num_classes: int, config: Config) -> keras.Model:
-    """The frozen base and its trained head as one model taking (prepared) images."""
-    model = models.add_head(models.freeze(bases.fresh_copy(base).model), num_classes, config.dropout,
-                            name="choose_source")  # fmt: skip
-    model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
-    return models.compile_classifier(model, config.learning_rate)
+    """The frozen base (a copy) and its trained head as one model taking (prepared) images."""
+    return models.head_on_base(bases.fresh_copy(base).model, head, num_classes, config.dropout, config.learning_rate,
+                               name="choose_source")  # fmt: skip
 
 
 def fine_tune(base: bases.Base, head: keras.Model, x: np.ndarray, y: np.ndarray, x_test: np.ndarray,
@@ -304,14 +208,10 @@ def fine_tune(base: bases.Base, head: keras.Model, x: np.ndarray, y: np.ndarray,
     """``--fine-tune``: after the head, the top layers of the base unfrozen (BatchNorm frozen) at a low rate."""
     set_seed(config.seed)
     model = assemble(base, head, num_classes, config)
-    inner = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-    available = len([layer for layer in inner.layers if layer.weights])
-    models.unfreeze_top(inner, min(config.fine_tune_layers, available))
-    models.compile_classifier(model, config.fine_tune_learning_rate)  # recompile after unfreezing
-    start = time.perf_counter()
-    train = data.make_pipeline(base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed)
-    history = model.fit(train, epochs=config.fine_tune_epochs, verbose=0).history
-    seconds = time.perf_counter() - start
+    available = models.count_weighted_layers(models.inner_base(model))
+    models.unfreeze_base_top(model, min(config.fine_tune_layers, available), config.fine_tune_learning_rate)
+    history, seconds = models.fit_timed(model, base.prepare(x), y, config.fine_tune_epochs, config.batch_size,
+                                        config.seed)  # fmt: skip
     accuracy = evaluation.accuracy(y_test, evaluation.predict_labels(model, base.prepare(x_test)))
     return accuracy, history, seconds
 
@@ -323,44 +223,23 @@ def train_scratch(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.n
     set_seed(config.seed)
     model = models.compile_classifier(bases.scratch_twin(architecture, target.num_classes, config.dropout),
                                       config.learning_rate)  # fmt: skip
-    start = time.perf_counter()
-    train = data.make_pipeline(x, y, config.batch_size, shuffle=True, seed=config.seed)
-    history = model.fit(train, epochs=config.epochs, verbose=0).history
-    seconds = time.perf_counter() - start
+    history, seconds = models.fit_timed(model, x, y, config.epochs, config.batch_size, config.seed)
     return evaluation.accuracy(y_test, evaluation.predict_labels(model, x_test)), history, seconds
 
 
 def judge(candidates: list[Candidate], score_names: list[str], truth: str = "test_accuracy") -> dict:
-    """Per score: rank correlations with the ``truth`` accuracies, its pick and the pick's gap to the best.
-
-    Undefined figures (a correlation over fewer than 3 scored candidates, no pick) are None.
-    """
-    names = [c.name for c in candidates]
-    accuracies = [c.figures[truth] for c in candidates]
-    verdicts = {}
-    for score in score_names:
-        values = [c.figures[score] for c in candidates]
-        verdict = transferability.rank_correlations(values, accuracies) | transferability.pick(
-            names, values, accuracies
-        )
-        verdicts[score] = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in verdict.items()}
-    return verdicts
+    """Per score: rank correlations with the ``truth`` accuracies, its pick and its gap to the best (None: undefined)."""
+    values = {score: [c.figures[score] for c in candidates] for score in score_names}
+    return transferability.judge([c.name for c in candidates], values, [c.figures[truth] for c in candidates])
 
 
 def plot_scores(candidates: list[Candidate], score_names: list[str], scratch_accuracy: float,
                 verdicts: dict | None = None) -> dict:  # fmt: skip
     """One scatter plot per score: score against test accuracy (%), one labelled point per scored candidate."""
-    figures = {}
-    for score in score_names:
-        tau = (verdicts or {}).get(score, {}).get("weighted_tau")
-        points = {c.name: (c.figures[score], 100 * c.figures["test_accuracy"]) for c in candidates
-                  if math.isfinite(c.figures[score])}  # fmt: skip
-        figures[f"scatter_{score}"] = evaluation.plot_labelled_scatter(
-            points, f"{score} (higher: should transfer better)", "test accuracy (%)",
-            f"{score} against the accuracy reached" + (f" (weighted tau {tau:+.2f})" if tau is not None else ""),
-            reference=("scratch", 100 * scratch_accuracy),
-        )  # fmt: skip
-    return figures
+    scores = {score: [c.figures[score] for c in candidates] for score in score_names}
+    accuracies = [100 * c.figures["test_accuracy"] for c in candidates]
+    return transferability.plot_against_truth([c.name for c in candidates], scores, accuracies, verdicts,
+                                              reference=("scratch", 100 * scratch_accuracy))  # fmt: skip
 
 
 def score_table(candidates: list[Candidate], score_names: list[str], scratch_accuracy: float) -> str:
@@ -374,22 +253,10 @@ def score_table(candidates: list[Candidate], score_names: list[str], scratch_acc
     return evaluation.text_table(rows)
 
 
-def verdict_table(verdicts: dict) -> str:
-    """Score, its weighted tau and Spearman correlation, its pick, the pick's accuracy and gap to the best."""
-    rows = [("score", "weighted tau", "spearman", "pick", "pick acc", "below best")]
-    for score, v in verdicts.items():
-        shown = [f"{v[k]:+.2f}" if v[k] is not None else "n/a" for k in ("weighted_tau", "spearman")]
-        if v["pick"] is None:
-            rows.append((score, *shown, "none", "n/a", "n/a"))
-        else:
-            rows.append((score, *shown, v["pick"], f"{100 * v['pick_truth']:.1f}%", f"{100 * v['regret']:.1f} pts"))
-    return evaluation.text_table(rows)
-
-
 def score_all(candidates: list[Candidate], x: np.ndarray, y: np.ndarray, score_names: list[str]) -> None:
     """Step 1: the features of the labelled images once per candidate (kept for its head), then every score."""
     for c in candidates:
-        features, feature_seconds = extract_features(c.base, x)
+        features, feature_seconds = bases.extract_features(c.base, x)
         values, seconds = score_candidate(c, features, x, y, score_names)
         c.figures = dict(values, features=features, feature_seconds=feature_seconds, score_seconds=seconds)
         shown = ", ".join(f"{s} {v:.3f}" for s, v in values.items())
@@ -401,17 +268,21 @@ def ground_truth(candidates: list[Candidate], x: np.ndarray, y: np.ndarray, x_te
     """Step 2: each candidate used for real: a head on its cached features (and ``--fine-tune``); histories."""
     histories = {}
     for c in candidates:
-        head, histories[c.name], head_seconds = train_head(c.figures["features"], y, num_classes, config)
-        test_features, _ = extract_features(c.base, x_test)
-        c.figures |= {"head": head, "test_accuracy": head_accuracy(head, test_features, y_test),
-                      "head_seconds": head_seconds}  # fmt: skip
+        set_seed(config.seed)  # each head's initialisation does not depend on the candidates before it
+        head, histories[c.name], head_seconds = models.train_head_on_features(
+            c.figures["features"], y, num_classes, config.dropout, config.learning_rate, config.epochs,
+            config.batch_size, config.seed)  # fmt: skip
+        test_features, _ = bases.extract_features(c.base, x_test)
+        logits = head(test_features, training=False)  # one call: no predict function traced per head
+        accuracy = evaluation.accuracy(y_test, np.argmax(logits, axis=1))
+        c.figures |= {"head": head, "test_accuracy": accuracy, "head_seconds": head_seconds}
         shown = f"  {c.name}: test accuracy {100 * c.figures['test_accuracy']:.1f}% (head {head_seconds:.1f} s)"
         if config.fine_tune:
-            accuracy, histories[f"{c.name}-fine-tune"], seconds = fine_tune(
+            tuned, histories[f"{c.name}-fine-tune"], seconds = fine_tune(
                 c.base, head, x, y, x_test, y_test, num_classes, config
             )
-            c.figures |= {"fine_tune_accuracy": accuracy, "fine_tune_seconds": seconds}
-            shown += f", fine-tuned {100 * accuracy:.1f}% ({seconds:.1f} s)"
+            c.figures |= {"fine_tune_accuracy": tuned, "fine_tune_seconds": seconds}
+            shown += f", fine-tuned {100 * tuned:.1f}% ({seconds:.1f} s)"
         print(shown)
     return histories
 
@@ -480,12 +351,13 @@ def run(config: Config) -> dict:
     set_seed(config.seed)
     strategy = make_strategy(config.strategy)
 
-    source, target = load_tasks(config)
-    x, y, x_test, y_test = pick_budget(target, config)
+    source, target = data.load_tasks(config.dataset, config.source_classes, config.target_classes, config.image_size,
+                                     config.seed)  # fmt: skip
+    x, y, x_test, y_test = data.label_budget(target, config.labels_per_class, config.seed, config.test_images)
     # Candidates the user brought first: one that cannot take the images fails before any pretraining.
     for i in sorted(range(len(candidates)), key=lambda i: candidates[i].kind not in ("backbone", "keras-file")):
         candidates[i] = build_candidate(candidates[i], config, source, target)
-        check_takes_images(candidates[i], x)
+        bases.check_takes_images(candidates[i].base, x, f"candidate {candidates[i].name!r}")
     run_dir = evaluation.make_run_dir("choose_source", config.out)
     print(f"source task: {source}\ntarget task: {target}\nrun folder: {run_dir}")
 
@@ -515,10 +387,10 @@ def run(config: Config) -> dict:
     print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
     print(score_table(candidates, score_names, scratch_accuracy))
     print("\nhow well each score ranks the candidates (test accuracy of a head on their features):")
-    print(verdict_table(verdicts))
+    print(transferability.verdict_table(verdicts))
     if fine_tune_verdicts:
         print("\nthe same against the accuracy after fine-tuning:")
-        print(verdict_table(fine_tune_verdicts))
+        print(transferability.verdict_table(fine_tune_verdicts))
     print(f"\nscoring every candidate took {record['seconds_scoring']:.2f} s, training their heads "
           f"{record['seconds_heads']:.1f} s ({record['scoring_over_heads']:.3f} of it); the features of the "
           f"labelled images, which both use, {record['seconds_features']:.2f} s")  # fmt: skip

@@ -45,9 +45,10 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
-from common import bases, data, evaluation, models
+from common import bases, data, distributed, evaluation, models
 from common.cli import RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 
@@ -79,6 +80,8 @@ class Config(RecipeConfig):
     test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).", minimum=0)
 
     QUICK = dict(source_epochs=1, source_images=2000, epochs=3, test_images=500)
+    MULTI_WORKER = True  # head and baseline through common.distributed.train; the frozen base is per worker
+    BACKUP = True
 
 
 # --- Steps ------------------------------------------------------------------------
@@ -86,26 +89,12 @@ class Config(RecipeConfig):
 
 def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
     """The source and target tasks, class lists checked, labels re-indexed from 0."""
-    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
-    source_classes = data.parse_classes(config.source_classes)
-    target_classes = data.parse_classes(config.target_classes)
-    data.check_class_split(dataset, source_classes, target_classes)
-    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+    return data.load_tasks(config.dataset, config.source_classes, config.target_classes, config.image_size, config.seed)
 
 
 def pick_budget(target: data.Dataset, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``labels_per_class`` training images per class, and the (optionally subsampled) test set."""
-    picked = data.sample_per_class(
-        target.y_train, config.labels_per_class, config.seed, target.class_names,
-        what=f"--labels-per-class {config.labels_per_class}",
-    )  # fmt: skip
-    x_test, y_test = target.x_test, target.y_test
-    if config.test_images and config.test_images < len(x_test):
-        per_class = max(1, config.test_images // target.num_classes)
-        smallest = int(np.bincount(y_test, minlength=target.num_classes).min())
-        keep = data.sample_per_class(y_test, min(per_class, smallest), config.seed, target.class_names)
-        x_test, y_test = x_test[keep], y_test[keep]
-    return target.x_train[picked], target.y_train[picked], x_test, y_test
+    return data.label_budget(target, config.labels_per_class, config.seed, config.test_images)
 
 
 def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
@@ -128,35 +117,18 @@ def extract_features(base: bases.Base, images: np.ndarray, batch_size: int = 256
     return features, time.perf_counter() - start
 
 
-def build_head(feature_dim: int, num_classes: int, dropout: float) -> keras.Model:
-    """Dropout and a Dense layer emitting logits, on cached feature vectors."""
-    inputs = keras.Input((feature_dim,))
-    x = layers.Dropout(dropout, name="head_dropout")(inputs)
-    outputs = layers.Dense(num_classes, name="classifier")(x)
-    return keras.Model(inputs, outputs, name="head")
-
-
 def train_head_on_features(features: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                           strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
-    """The fast path: the head alone, on cached features."""
-    with strategy.scope():
-        # A head step takes microseconds: run 64 per compiled call, not one (same updates).
-        head = models.compile_classifier(
-            build_head(features.shape[1], num_classes, config.dropout), config.learning_rate, steps_per_execution=64
-        )
-    start = time.perf_counter()
-    train = data.make_pipeline(features, y, config.batch_size, shuffle=True, seed=config.seed)
-    history = head.fit(train, epochs=config.epochs, verbose=0).history
-    return head, history, time.perf_counter() - start
+                           strategy, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
+    """The fast path: the head (dropout, Dense logits) alone, on cached features; head, history, seconds."""
+    return models.train_head_on_features(features, y, num_classes, config.dropout, config.learning_rate, config.epochs,
+                                         config.batch_size, config.seed, strategy, backup_dir)  # fmt: skip
 
 
 def assemble(base: bases.Base, head: keras.Model, num_classes: int, config: Config, strategy) -> keras.Model:
     """The frozen base and the trained head as one model taking (prepared) images."""
     with strategy.scope():
-        model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
-        model.get_layer("classifier").set_weights(head.get_layer("classifier").get_weights())
-        models.compile_classifier(model, config.learning_rate)
-    return model
+        return models.head_on_base(base.model, head, num_classes, config.dropout, config.learning_rate,
+                                   name="feature_extraction")  # fmt: skip
 
 
 def augmenter(seed: int) -> keras.Sequential:
@@ -172,29 +144,25 @@ def augmenter(seed: int) -> keras.Sequential:
 
 
 def train_head_on_images(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                         strategy, augment: bool) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                         strategy, augment: bool, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The image path: every step runs the (optionally augmented) images through the frozen base."""
     with strategy.scope():
         model = models.add_head(models.freeze(base.model), num_classes, config.dropout, name="feature_extraction")
         models.compile_classifier(model, config.learning_rate)  # compile after freezing
-    start = time.perf_counter()
-    train = data.make_pipeline(
-        base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed,
-        augment=augmenter(config.seed) if augment else None,
-    )  # fmt: skip
-    history = model.fit(train, epochs=config.epochs, verbose=0).history
-    return model, history, time.perf_counter() - start
+    history, seconds = models.fit_timed(model, base.prepare(x), y, config.epochs, config.batch_size, config.seed,
+                                        augment=augmenter(config.seed) if augment else None, strategy=strategy,
+                                        backup_dir=backup_dir)  # fmt: skip
+    return model, history, seconds
 
 
 def train_scratch(base: bases.Base, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config,
-                  strategy) -> tuple[keras.Model, dict, float]:  # fmt: skip
+                  strategy, backup_dir=None) -> tuple[keras.Model, dict, float]:  # fmt: skip
     """The baseline: the base's architecture, random weights, trained end to end on the same images."""
     with strategy.scope():
         model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), config.learning_rate)
-    start = time.perf_counter()
-    train = data.make_pipeline(base.prepare(x), y, config.batch_size, shuffle=True, seed=config.seed)
-    history = model.fit(train, epochs=config.epochs, verbose=0).history
-    return model, history, time.perf_counter() - start
+    history, seconds = models.fit_timed(model, base.prepare(x), y, config.epochs, config.batch_size, config.seed,
+                                        strategy=strategy, backup_dir=backup_dir)  # fmt: skip
+    return model, history, seconds
 
 
 def evaluate(model: keras.Model, base: bases.Base, x_test: np.ndarray, y_test: np.ndarray, num_classes: int) -> dict:
@@ -216,19 +184,24 @@ def run(config: Config) -> dict:
     x, y, x_test, y_test = pick_budget(target, config)
     print(f"source task: {source}\ntarget task: {target}")
 
-    with strategy.scope():
+    # Under multi_worker every worker pretrains (or loads) the same base with plain fit, seed 0,
+    # outside the strategy: the base is frozen, only the head and the baseline train distributed.
+    with (strategy if distributed.uses_fit(strategy) else tf.distribute.get_strategy()).scope():
         base = load_pretrained_base(config, source)
+    backup = distributed.Backup(config.backup_dir)
     run_dir = evaluation.make_run_dir("feature_extraction", config.out)  # after every input error
     print(f"base: {base}\nrun folder: {run_dir}")
     n = target.num_classes
 
     if config.augment:
         extract_seconds = 0.0
-        model, history, train_seconds = train_head_on_images(base, x, y, n, config, strategy, augment=True)
+        model, history, train_seconds = train_head_on_images(
+            base, x, y, n, config, strategy, augment=True, backup_dir=backup.phase("head")
+        )
         path = "augmented images through the frozen base"
     else:
         features, extract_seconds = extract_features(base, x)
-        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy)
+        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy, backup.phase("head"))
         model = assemble(base, head, n, config, strategy)
         path = "cached features"
     report = evaluate(model, base, x_test, y_test, n)
@@ -237,7 +210,7 @@ def run(config: Config) -> dict:
           f"extraction {extract_seconds:.1f} s, head training {train_seconds:.1f} s")  # fmt: skip
 
     set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
-    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy)
+    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy, backup.phase("scratch"))
     scratch_report = evaluate(scratch, base, x_test, y_test, n) | {"train_seconds": round(scratch_seconds, 2)}
     print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}, training {scratch_seconds:.1f} s")
 
@@ -265,6 +238,7 @@ def run(config: Config) -> dict:
         ),
     }
     evaluation.write_run(run_dir, config, record, histories, figures, model=model)
+    backup.finish()
 
     print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
     print(evaluation.comparison_table(record))

@@ -105,11 +105,7 @@ class Config(RecipeConfig):
 
 def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
     """The source and target tasks, class lists checked, labels re-indexed from 0."""
-    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
-    source_classes = data.parse_classes(config.source_classes)
-    target_classes = data.parse_classes(config.target_classes)
-    data.check_class_split(dataset, source_classes, target_classes)
-    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+    return data.load_tasks(config.dataset, config.source_classes, config.target_classes, config.image_size, config.seed)
 
 
 def split_target(target: data.Dataset, config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -130,16 +126,10 @@ def split_target(target: data.Dataset, config: Config) -> dict[str, tuple[np.nda
         train.append(members[: config.labels_per_class])
         val.append(members[config.labels_per_class :])
     train, val = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-    x_test, y_test = target.x_test, target.y_test
-    if config.test_images and config.test_images < len(x_test):
-        smallest = int(np.bincount(y_test, minlength=target.num_classes).min())
-        per_class = min(max(1, config.test_images // target.num_classes), smallest)
-        keep = data.sample_per_class(y_test, per_class, config.seed, target.class_names)
-        x_test, y_test = x_test[keep], y_test[keep]
     return {
         "train": (target.x_train[train], target.y_train[train]),
         "val": (target.x_train[val], target.y_train[val]),
-        "test": (x_test, y_test),
+        "test": data.subsample_test(target, config.test_images, config.seed),
     }
 
 
@@ -157,10 +147,6 @@ def parse_schedule(schedule: str) -> tuple[str, int]:
     raise InputError(f"unknown --schedule {schedule!r}; write 'top:N' (N >= 1 layers) or 'gradual'")
 
 
-def count_weighted_layers(model: keras.Model) -> int:
-    return len([layer for layer in model.layers if layer.weights])
-
-
 def check_schedule(config: Config, source: data.Dataset, base: bases.Base | None = None) -> None:
     """Fail before any training if ``top:N`` asks for more layers than the base has."""
     kind, n = parse_schedule(config.schedule)
@@ -168,9 +154,9 @@ def check_schedule(config: Config, source: data.Dataset, base: bases.Base | None
         return
     if base is None:  # the source-cnn's architecture, without pretraining it
         model = models.build_bn_cnn(source.input_shape, source.num_classes, width=config.source_width)
-        available = count_weighted_layers(bases.spatial_base(model.get_layer("base"), config.source_cut))
+        available = models.count_weighted_layers(bases.spatial_base(model.get_layer("base"), config.source_cut))
     else:
-        available = count_weighted_layers(base.model)
+        available = models.count_weighted_layers(base.model)
     if n > available:
         raise InputError(f"--schedule top:{n}: the base {config.base!r} has only {available} layers with weights")
 
@@ -193,11 +179,6 @@ def build_model(base_model: keras.Model, num_classes: int, dropout: float, learn
     return models.compile_classifier(model, learning_rate)  # compile after freezing
 
 
-def inner_base(model: keras.Model) -> keras.Model:
-    """The base sub-model inside a ``build_model`` model."""
-    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
-
-
 def pipelines(splits: dict, base: bases.Base, config: Config) -> dict:
     """tf.data pipelines of the prepared (resized, preprocessed) images of every split."""
     x, y = splits["train"]
@@ -216,9 +197,7 @@ def train_head(model: keras.Model, train, val, config: Config) -> dict:
 
 def unfreeze(model: keras.Model, num_layers: int, learning_rate: float) -> list[str]:
     """Unfreeze the top ``num_layers`` layers with weights of the base (BatchNorm stays frozen); recompile."""
-    unfrozen = models.unfreeze_top(inner_base(model), num_layers)
-    models.compile_classifier(model, learning_rate)  # recompile, or the change is ignored
-    return unfrozen
+    return models.unfreeze_base_top(model, num_layers, learning_rate)
 
 
 def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int = 0) -> tuple[dict, dict]:
@@ -232,7 +211,7 @@ def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int
                             epochs=initial_epoch + config.epochs, verbose=0).history  # fmt: skip
         return history, {f"unfreeze top {n}": initial_epoch}
     # Gradual: one more block (from the top) every `unfreeze_every` epochs.
-    blocks = bases.weight_blocks(inner_base(model))
+    blocks = bases.weight_blocks(models.inner_base(model))
     history: dict[str, list] = {}
     boundaries = {}
     epoch, depth, layers_open = initial_epoch, 0, 0
@@ -280,7 +259,7 @@ def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir
 
     if config.tuner not in TUNERS:
         raise InputError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
-    available = count_weighted_layers(base.model)
+    available = models.count_weighted_layers(base.model)
 
     class FineTuneModel(kt.HyperModel):
         def build(self, hp):

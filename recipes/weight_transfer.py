@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from common import data, evaluation, models
+from common import data, distributed, evaluation, models
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 VARIANTS = ("scratch", "transfer", "frozen")
@@ -69,6 +69,8 @@ class Config(RecipeConfig):
     fresh_layers: str = knob("dense,classifier", "Layers re-initialised in the target model; all others are copied.")
 
     QUICK = dict(source_images=1000, source_epochs=1, epochs=2)
+    MULTI_WORKER = True  # every phase trains through common.distributed.train
+    BACKUP = True
 
 
 # --- Steps ------------------------------------------------------------------------
@@ -117,7 +119,7 @@ def fresh_layer_names(config: Config, model: keras.Model) -> tuple[str, ...]:
     return fresh
 
 
-def train_source_model(source: data.Dataset, config: Config, strategy) -> tuple[keras.Model, dict]:
+def train_source_model(source: data.Dataset, config: Config, strategy, backup=None) -> tuple[keras.Model, dict]:
     """Train the CNN on the training images of the source classes (all, unless ``source_images`` is fewer)."""
     x, y = source.x_train, source.y_train
     if 0 < config.source_images < len(y):
@@ -132,10 +134,11 @@ def train_source_model(source: data.Dataset, config: Config, strategy) -> tuple[
         )
     train = data.make_pipeline(x, y, config.source_batch_size, shuffle=True, seed=config.seed)
     test = data.make_pipeline(source.x_test, source.y_test, 512)
-    history = model.fit(
-        train, epochs=config.source_epochs, validation_data=test, verbose="auto", callbacks=[evaluation.EpochTimer()]
+    backup_dir = backup.phase("source") if backup else None
+    history = distributed.train(
+        model, train, config.source_epochs, strategy, validation_data=test, backup_dir=backup_dir
     )
-    return model, history.history
+    return model, history
 
 
 def build_target_model(variant: str, source_model: keras.Model, target: data.Dataset, config: Config, strategy):
@@ -160,12 +163,17 @@ def build_target_model(variant: str, source_model: keras.Model, target: data.Dat
     return model
 
 
-def train_target_model(model: keras.Model, x: np.ndarray, y: np.ndarray, config: Config) -> dict:
+def train_target_model(model: keras.Model, x: np.ndarray, y: np.ndarray, config: Config, strategy=None,
+                       backup_dir=None) -> dict:  # fmt: skip
+    """``fit`` (or, under ``multi_worker``, the shared distributed step) on the budget's images."""
+    import tensorflow as tf
+
     train = data.make_pipeline(x, y, config.batch_size, shuffle=True, seed=config.seed)
-    return model.fit(train, epochs=config.epochs, verbose=0, callbacks=[evaluation.EpochTimer()]).history
+    strategy = strategy or tf.distribute.get_strategy()
+    return distributed.train(model, train, config.epochs, strategy, backup_dir=backup_dir, verbose=0)
 
 
-def run_budget(budget: int, source_model, target: data.Dataset, config: Config, strategy) -> dict:
+def run_budget(budget: int, source_model, target: data.Dataset, config: Config, strategy, backup=None) -> dict:
     """Train the three variants on the same ``budget`` images per class; evaluate each."""
     picked = data.sample_per_class(target.y_train, budget, config.seed, target.class_names)
     x, y = target.x_train[picked], target.y_train[picked]
@@ -173,7 +181,8 @@ def run_budget(budget: int, source_model, target: data.Dataset, config: Config, 
     for variant in VARIANTS:
         start = time.perf_counter()
         model = build_target_model(variant, source_model, target, config, strategy)
-        history = train_target_model(model, x, y, config)
+        backup_dir = backup.phase(f"{budget}-{variant}") if backup else None
+        history = train_target_model(model, x, y, config, strategy, backup_dir)
         report = evaluation.classification_report(model, target.x_test, target.y_test, target.num_classes)
         report["train_seconds"] = round(time.perf_counter() - start, 1)
         print(f"  {budget:>4} labels/class  {variant:<8}  test accuracy {report['test_accuracy']:.3f}")
@@ -201,10 +210,12 @@ def run(config: Config) -> dict:
     run_dir = evaluation.make_run_dir("weight_transfer", config.out)
     print(f"source task: {source}\ntarget task: {target}\nrun folder: {run_dir}")
 
-    source_model, source_history = train_source_model(source, config, strategy)
+    # --backup-dir: each phase resumes from its last epoch when the same command runs again.
+    backup = distributed.Backup(config.backup_dir)
+    source_model, source_history = train_source_model(source, config, strategy, backup)
     source_accuracy = source_history["val_accuracy"][-1]
 
-    by_budget = {budget: run_budget(budget, source_model, target, config, strategy) for budget in budgets}
+    by_budget = {budget: run_budget(budget, source_model, target, config, strategy, backup) for budget in budgets}
 
     # The headline is the first (smallest) budget; every budget's numbers are kept.
     headline = by_budget[budgets[0]]
@@ -237,6 +248,7 @@ def run(config: Config) -> dict:
         ),
     }
     evaluation.write_run(run_dir, config, record, histories, figures, model=headline["transfer"]["model"])
+    backup.finish()
 
     print(f"\nsource model: {100 * source_accuracy:.1f}% on the source test images")
     print(f"target task, {budgets[0]} labels per class, {len(target.x_test)} test images:")

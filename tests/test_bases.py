@@ -260,3 +260,22 @@ def test_a_damaged_cache_entry_is_pretrained_again(cache, tiny_source):
     entry.write_bytes(b"truncated")
     again = bases.load_base("source-cnn", source=tiny_source, settings=settings, verbose=0)
     assert again.info["cached"] is False and again.model.output_shape == (None, 7 * 7 * 16)
+
+
+def test_extract_features_matches_the_feature_extractor_and_batches():
+    base = bases.untrained_source_cnn((28, 28, 1), 5, width=4, cut="block1")
+    images = np.random.default_rng(0).random((7, 28, 28, 1)).astype("float32")
+    features, seconds = bases.extract_features(base, images, batch_size=3)  # three batches, the last partial
+    assert features.shape == (7, 14 * 14 * 4) and seconds > 0
+    expected = bases.feature_extractor(base)(base.prepare(images), training=False)
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_check_takes_images_names_the_candidate():
+    base = bases.untrained_source_cnn((28, 28, 1), 5, width=4)
+    bases.check_takes_images(base, np.zeros((3, 28, 28, 1), "float32"), "candidate 'x'")
+    bases.check_takes_images(base, np.zeros((3, 32, 32, 3), "float32"), "candidate 'x'")  # prepare() resizes
+    # A model that does not take what its declared input shape gives it (a .keras file saved that way):
+    odd = bases.Base("odd.keras", models.build_cnn((20, 20, 1), 2), lambda x: x, (28, 28, 1))
+    with pytest.raises(InputError, match=r"candidate 'x' \(input \(28, 28, 1\)\) cannot take .* \(32, 32, 3\)"):
+        bases.check_takes_images(odd, np.zeros((3, 32, 32, 3), "float32"), "candidate 'x'")

@@ -469,3 +469,30 @@ def test_paired_pipeline_gives_full_batches_of_both_sides(n_other):
         np.testing.assert_array_equal(images[:, 0], labels)  # labels stay with their images
         assert other.min() >= 100
     assert len({int(v) for (_, labels), _ in batches for v in labels}) == 20  # every labelled image comes round
+
+
+def test_load_tasks_splits_checks_and_reindexes():
+    source, target = data.load_tasks("digits", "0-4", "5,7,9")
+    assert source.num_classes == 5 and target.class_names == ["5", "7", "9"]
+    assert sorted(set(target.y_train.tolist())) == [0, 1, 2] and sorted(set(source.y_test.tolist())) == [0, 1, 2, 3, 4]
+    with pytest.raises(InputError, match="in two class lists"):
+        data.load_tasks("digits", "0-4", "4-6")
+
+
+def test_label_budget_and_subsample_test():
+    ds = toy_dataset(num_classes=4, per_class=5)
+    x, y, x_test, y_test = data.label_budget(ds, 2, seed=0, test_images=8)
+    assert np.bincount(y).tolist() == [2, 2, 2, 2] and np.all(x[:, 0, 0, 0] == y)  # images follow their labels
+    assert np.bincount(y_test).tolist() == [2, 2, 2, 2] and np.all(x_test[:, 0, 0, 0] == y_test)
+    assert len(data.label_budget(ds, 2, seed=0)[2]) == 20  # test_images 0: the whole test set
+    assert len(data.subsample_test(ds, 100, seed=0)[0]) == 20  # more than there are: all of them
+    assert len(data.subsample_test(ds, 2, seed=0)[0]) == 4  # at least one per class
+    np.testing.assert_array_equal(data.subsample_test(ds, 8, 3)[1], data.subsample_test(ds, 8, 3)[1])
+    with pytest.raises(InputError, match="--labels-per-class 6"):
+        data.label_budget(ds, 6, seed=0)
+
+
+def test_with_input_shape_converts_both_splits():
+    converted = data.with_input_shape(toy_dataset(), (4, 4, 3))
+    assert converted.x_train.shape == (20, 4, 4, 3) and converted.x_test.shape == (20, 4, 4, 3)
+    assert converted.name == "toy" and converted.num_classes == 4

@@ -179,3 +179,44 @@ def test_fit_steps_runs_the_number_of_steps_in_chunks():
     history = models.fit_steps(model, pipeline, steps=12, chunks=4)
     assert len(history["loss"]) == 4 and len(history["epoch_seconds"]) == 4
     assert int(model.optimizer.iterations.numpy()) == 12
+
+
+# --- Heads on cached features, and unfreezing a base inside a model --------------------
+
+
+def separable_features(n_per_class: int = 30, dim: int = 8, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    centres = 3.0 * rng.standard_normal((classes, dim))
+    return (centres[y] + rng.standard_normal((len(y), dim))).astype("float32"), y
+
+
+def test_train_head_on_features_learns_and_head_on_base_gives_the_same_logits():
+    x, y = separable_features()
+    keras.utils.set_random_seed(0)
+    head, history, seconds = models.train_head_on_features(x, y, 3, dropout=0.1, learning_rate=0.05, epochs=20,
+                                                           batch_size=16, seed=0)  # fmt: skip
+    assert len(history["loss"]) == 20 and history["loss"][-1] < history["loss"][0] and seconds > 0
+    assert np.mean(np.argmax(head(x, training=False), axis=1) == y) > 0.9  # a head that learned, not chance (1/3)
+    assert [layer.name for layer in head.layers][1:] == ["head_dropout", "classifier"]
+    base = keras.Sequential([keras.Input((8,)), keras.layers.Identity()], name="base")  # features = inputs
+    model = models.head_on_base(base, head, 3, 0.1, 1e-3, name="assembled")
+    assert model.name == "assembled" and model.optimizer is not None and not base.trainable
+    np.testing.assert_allclose(model(x, training=False), head(x, training=False), rtol=1e-5, atol=1e-5)
+
+
+def test_fit_timed_fits_through_a_seeded_pipeline():
+    x, y = separable_features()
+    model = models.compile_classifier(models.feature_head(8, 3, 0.0), 0.05)
+    history, seconds = models.fit_timed(model, x, y, epochs=3, batch_size=16, seed=0)
+    assert sorted(history) == ["accuracy", "epoch_seconds", "loss"] and len(history["loss"]) == 3 and seconds > 0
+
+
+def test_unfreeze_base_top_unfreezes_inside_the_model_and_recompiles():
+    base = models.build_bn_cnn((16, 16, 1), 2, width=4).get_layer("base")
+    model = models.compile_classifier(models.add_head(models.freeze(base), 2), 1e-3)
+    assert models.inner_base(model) is base and models.count_weighted_layers(base) == 12
+    assert model.trainable_weights[0].path.startswith("classifier")  # only the head trains
+    assert models.unfreeze_base_top(model, 2, 1e-4) == ["block3_conv2"]  # conv and BN: BN stays frozen
+    assert base.get_layer("block3_conv2").trainable and not base.get_layer("block3_conv1").trainable
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-4)

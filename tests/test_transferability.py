@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -168,9 +169,46 @@ def test_rank_correlations_and_picks():
     assert tr.pick(names, [math.nan] * 4, accuracy)["pick"] is None
 
 
+def test_judge_merges_correlations_and_pick_per_score_with_none_for_undefined():
+    names, accuracy = ["a", "b", "c"], [0.9, 0.8, 0.7]
+    verdicts = tr.judge(names, {"good": [3.0, 2.0, 1.0], "unscored": [math.nan] * 3}, accuracy)
+    assert list(verdicts) == ["good", "unscored"]
+    assert verdicts["good"]["weighted_tau"] == pytest.approx(1.0) and verdicts["good"]["pick"] == "a"
+    assert verdicts["good"]["regret"] == pytest.approx(0.0) and verdicts["good"]["candidates"] == 3
+    unscored = verdicts["unscored"]
+    assert unscored["pick"] is None and unscored["weighted_tau"] is None and unscored["regret"] is None
+    assert unscored["best"] == "a" and unscored["candidates"] == 0
+    json.dumps(verdicts, allow_nan=False)  # no NaN left
+
+
 def test_score_names_are_checked():
     assert tr.parse_score_names("LogME, hscore") == ["logme", "hscore"]
     with pytest.raises(InputError, match="unknown score 'leap'; choose from logme, leep, nce, hscore"):
         tr.parse_score_names("logme,leap")
     with pytest.raises(InputError, match="named twice"):
         tr.parse_score_names("nce,nce")
+
+
+def test_compute_timed_gives_the_scores_of_compute_with_their_seconds():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 10)
+    features = rng.standard_normal((30, 6)) + labels[:, None]
+    values, seconds = tr.compute_timed(["logme", "leep", "hscore"], labels, features=features)
+    assert values["logme"] == pytest.approx(tr.logme(features, labels)) and math.isnan(values["leep"])
+    assert values["hscore"] == pytest.approx(tr.h_score(features, labels))
+    assert set(seconds) == {"logme", "leep", "hscore"} and all(s >= 0 for s in seconds.values())
+
+
+def test_verdict_table_and_plots_against_the_truth():
+    names, accuracy = ["a", "b", "c"], [0.9, 0.8, 0.7]
+    scores = {"good": [3.0, 2.0, 1.0], "unscored": [math.nan] * 3, "partial": [1.0, math.nan, 2.0]}
+    table = tr.verdict_table(tr.judge(names, scores, accuracy)).splitlines()
+    assert table[0].split() == ["score", "weighted", "tau", "spearman", "pick", "pick", "acc", "below", "best"]
+    assert table[2].split() == ["good", "+1.00", "+1.00", "a", "90.0%", "0.0", "pts"]
+    assert table[3].split() == ["unscored", "n/a", "n/a", "none", "n/a", "n/a"]
+    assert table[4].split()[:4] == ["partial", "n/a", "n/a", "c"]  # two scored: no correlation, still a pick
+    figures = tr.plot_against_truth(names, scores, [90, 80, 70], tr.judge(names, scores, accuracy), ("scratch", 85))
+    assert list(figures) == ["scatter_good", "scatter_unscored", "scatter_partial"]
+    ax = figures["scatter_partial"].axes[0]
+    assert len(ax.collections) == 2 and "weighted tau" not in ax.get_title()  # the NaN point left out
+    assert "weighted tau +1.00" in figures["scatter_good"].axes[0].get_title()
