@@ -37,18 +37,20 @@ def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Counts: row = true class, column = predicted class."""
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (np.asarray(y_true), np.asarray(y_pred)), 1)
-    return matrix
+    """Counts: row = true class, column = predicted class (``sklearn.metrics.confusion_matrix``)."""
+    from sklearn import metrics
+
+    return metrics.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> list[float]:
-    """Recall of every class (NaN for a class absent from ``y_true``)."""
-    matrix = confusion_matrix(y_true, y_pred, num_classes)
-    totals = matrix.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return [float(v) for v in np.diag(matrix) / totals]
+    """Recall of every class (NaN for a class absent from ``y_true``; ``sklearn.metrics.recall_score``)."""
+    from sklearn import metrics
+
+    recall = metrics.recall_score(
+        y_true, y_pred, labels=np.arange(num_classes), average=None, zero_division=np.nan
+    )  # fmt: skip
+    return [float(v) for v in recall]
 
 
 def classification_report(model, x: np.ndarray, y: np.ndarray, num_classes: int) -> dict:

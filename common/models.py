@@ -106,6 +106,36 @@ def add_head(base: keras.Model, num_classes: int, dropout: float = 0.2, name: st
     return keras.Model(inputs, outputs, name=name)
 
 
+def logistic_regression_head(features, labels, c: float = 1.0):
+    """A classifier on cached features: standardisation, then multinomial logistic regression
+    (scikit-learn, L2 penalty of inverse strength ``c``, L-BFGS to convergence); a fitted
+    ``Pipeline``. ``features``: (N, D), ``labels``: (N,) integers. Convert it for Keras with
+    ``linear_head_weights``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(features, labels)
+
+
+def linear_head_weights(head, num_classes: int) -> list:
+    """``[kernel (D, K), bias (K,)]`` of one Dense layer on the raw features that gives the same
+    logits as ``head`` (a ``logistic_regression_head``); a class absent from its training labels
+    gets a bias of -1e9, so it is never predicted."""
+    import numpy as np
+
+    scaler, regression = head[0], head[1]
+    coef, intercept = regression.coef_, regression.intercept_
+    if coef.shape[0] == 1:  # two classes: scikit-learn keeps one row; logits (0, z) give the same softmax
+        coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    full_coef, full_bias = np.zeros((num_classes, coef.shape[1])), np.full(num_classes, -1e9)
+    full_coef[regression.classes_], full_bias[regression.classes_] = coef, intercept
+    kernel = (full_coef / scaler.scale_).T
+    bias = full_bias - (full_coef * scaler.mean_ / scaler.scale_).sum(axis=1)
+    return [kernel.astype("float32"), bias.astype("float32")]
+
+
 def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | None = None) -> keras.Model:
     """A ``keras.applications`` model without its top, as a feature extractor.
 

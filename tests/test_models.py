@@ -155,6 +155,21 @@ def test_batchnorm_uses_batch_statistics_only_when_trainable():
     np.testing.assert_array_equal(batchnorm.moving_mean.numpy(), before)
 
 
+def test_logistic_regression_head_as_one_dense_layer():
+    """The scaler + logistic regression, as a Dense kernel and bias, gives the same probabilities;
+    two classes (scikit-learn keeps one row) and a class absent from the labels work too."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(60, 8)) * rng.uniform(0.1, 10, size=8) + 3
+    for labels, num_classes in ((rng.integers(0, 3, 60), 3), (rng.integers(0, 2, 60), 2), (rng.integers(0, 2, 60) * 2, 3)):  # fmt: skip
+        head = models.logistic_regression_head(features, labels, c=0.5)
+        kernel, bias = models.linear_head_weights(head, num_classes)
+        logits = features @ kernel + bias
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(probabilities[:, head[1].classes_], head.predict_proba(features), atol=1e-5)
+        assert np.all(np.isin(probabilities.argmax(axis=1), head[1].classes_))  # an absent class is never predicted
+
+
 def test_fit_steps_runs_the_number_of_steps_in_chunks():
     import tensorflow as tf
 

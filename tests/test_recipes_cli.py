@@ -99,6 +99,12 @@ BUDGET_ERRORS = {
             r"--labels-per-class 3 \+ --val-per-class 3 needs 6 images per class, but class 0 \('c'\) has only 5",
         ),
     ],  # fmt: skip
+    "self_training": [
+        (
+            ["--labels-per-class", "10"],
+            r"--labels-per-class 10 needs 10 images per class, but class 0 \('c'\) has only 5",
+        )
+    ],
     "maml": [
         (
             ["--ways", "2", "--shots", "5", "--query", "5"],
@@ -125,7 +131,7 @@ def test_a_number_out_of_range_names_its_flag(name, tmp_path, capsys):
     )
 
 
-@pytest.mark.parametrize("name", ["feature_extraction", "fine_tune"])
+@pytest.mark.parametrize("name", ["feature_extraction", "fine_tune", "self_training"])
 def test_a_model_file_that_cannot_be_used_is_named(name, tmp_path, capsys):
     import keras
     from keras import layers

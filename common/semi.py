@@ -1,0 +1,339 @@
+"""Semi-supervised building blocks: augmentation views, pseudo-label selection and its
+statistics, label spreading, and an EMA trainer for FixMatch-style consistency.
+
+No algorithm lives here, only the pieces a self-training recipe assembles:
+
+- views (``make_view``): Keras preprocessing layers for images in [0, 1], from the weak
+  view a teacher looks at to the strong views a noised student learns from
+  (``keras.layers.RandomErasing``, ``keras.layers.RandAugment``);
+- selection of pseudo-labels from class probabilities: the most confident fraction of each
+  class (``select_top_fraction``, the step of Curriculum Labeling), a confidence threshold
+  with a per-class cap (``select_confident``), FlexMatch's per-class thresholds
+  (``flexmatch_thresholds``), class balancing by Sinkhorn-Knopp (``balance_classes``), and
+  label spreading on a k-nearest-neighbour graph
+  (``knn_graph``, ``label_spreading``; scikit-learn);
+- ``pseudo_label_stats``: how many were kept, their precision against held-back labels;
+  ``plot_rounds``: accuracy and precision round by round;
+- ``check_disjoint``: an unlabeled pool must not contain the labeled images;
+  ``read_unlabeled_folder``: a user's pool of images without labels;
+- ``EMATrainer``: Adam with a cosine decay, an exponential moving average of the weights,
+  and ``tf.function`` steps for labels only and for FixMatch-style consistency.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from common.errors import InputError
+
+VIEWS = ("weak", "erasing", "randaugment")
+
+
+# --- Views ------------------------------------------------------------------------------
+
+
+def make_view(kind: str, seed: int, name: str | None = None) -> keras.Sequential:
+    """Augmentation for images in [0, 1] (any size, 1 or 3 channels), applied with ``training=True``.
+
+    - ``weak``: a horizontal flip and a shift of up to 10% of the side;
+    - ``erasing``: weak, then a random contrast (factor 0.5) and, on half of the images, a grey
+      rectangle over 2-25% of the area (``keras.layers.RandomErasing``; Zhong et al. 2020);
+    - ``randaugment``: weak, then two RandAugment operations at strength 0.5 (Cubuk et al.
+      2020, the strong view of FixMatch and Noisy Student), then the same erasing.
+
+    Raises ``InputError`` for another ``kind``.
+    """
+    if kind not in VIEWS:
+        raise InputError(f"unknown view {kind!r}; choose one of {', '.join(VIEWS)}")
+    ops = [
+        layers.RandomFlip("horizontal", seed=seed),
+        layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed + 1),
+    ]
+    if kind == "randaugment":
+        ops.append(layers.RandAugment(value_range=(0, 1), num_ops=2, factor=0.5, seed=seed + 2))
+    elif kind == "erasing":
+        ops.append(layers.RandomContrast(0.5, value_range=(0, 1), seed=seed + 3))
+    if kind != "weak":
+        ops.append(layers.RandomErasing(1.0, scale=(0.02, 0.25), fill_value=0.5, value_range=(0, 1), seed=seed + 4))
+    return keras.Sequential(ops, name=name or f"{kind}_view")
+
+
+# --- Selecting pseudo-labels ---------------------------------------------------------------
+
+
+def select_top_fraction(probabilities: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The most confident ``fraction`` of the images predicted as each class.
+
+    ``probabilities``: (N, K). Returns (kept indices, sorted; their pseudo-labels). Per class,
+    so that an easy class cannot crowd out a hard one; the ranking step of Curriculum Labeling
+    (Cascante-Bonilla et al. 2021), which raises the fraction round by round.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise InputError(f"pseudo-label fraction {fraction} is outside (0, 1]")
+    confidence, labels = probabilities.max(axis=1), probabilities.argmax(axis=1)
+    kept = []
+    for c in range(probabilities.shape[1]):
+        members = np.flatnonzero(labels == c)
+        ranked = members[np.argsort(-confidence[members], kind="stable")]
+        kept.append(ranked[: int(round(fraction * len(members)))])
+    kept = np.sort(np.concatenate(kept)).astype(np.int64)
+    return kept, labels[kept]
+
+
+def select_confident(probabilities: np.ndarray, threshold, class_cap: float = 0.0) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    """Predictions whose confidence reaches ``threshold`` (a float, or one per class).
+
+    With ``class_cap`` > 0 each class keeps at most ``ceil(class_cap * kept / K)`` of them, the
+    most confident first. Returns (kept indices, their pseudo-labels, the cap or 0).
+    """
+    confidence, labels = probabilities.max(axis=1), probabilities.argmax(axis=1)
+    per_image = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (probabilities.shape[1],))[labels]
+    passed = np.flatnonzero(confidence >= per_image)
+    if class_cap <= 0:
+        return passed, labels[passed], 0
+    num_classes = probabilities.shape[1]
+    cap = max(1, math.ceil(class_cap * len(passed) / num_classes))
+    kept = []
+    for c in range(num_classes):
+        members = passed[labels[passed] == c]
+        kept.append(members[np.argsort(-confidence[members], kind="stable")][:cap])
+    kept = np.sort(np.concatenate(kept)).astype(np.int64)
+    return kept, labels[kept], cap
+
+
+def balance_classes(probabilities: np.ndarray, prior: np.ndarray | None = None, iterations: int = 100) -> np.ndarray:
+    """Class probabilities rescaled so that the pool's predicted classes follow ``prior``.
+
+    Sinkhorn-Knopp (Cuturi 2013), as in self-labelling by optimal transport (Asano et al.
+    2020): alternately scale each class's column so that its mean is the class's prior, and
+    each row back to a distribution. It assumes the pool's classes are about as frequent as
+    ``prior`` says (default: uniform, which the per-class label budget gives). A teacher that
+    sends a share of one class to another (sandals called ankle boots) is pulled back.
+    ``probabilities``: (N, K); returns (N, K), rows summing to one.
+    """
+    q = np.asarray(probabilities, dtype=np.float64) + 1e-12
+    prior = np.full(q.shape[1], 1.0 / q.shape[1]) if prior is None else np.asarray(prior, dtype=np.float64)
+    for _ in range(iterations):
+        q *= prior / q.mean(axis=0)
+        q /= q.sum(axis=1, keepdims=True)
+    return q
+
+
+def flexmatch_thresholds(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    """FlexMatch's per-class thresholds (Zhang et al. 2021, "Curriculum Pseudo Labeling").
+
+    A class's learning effect is how many images are predicted as it above ``threshold``,
+    normalised by the largest such count (or by the unused images while most are still
+    unused: the warm-up); it is mapped by ``x / (2 - x)``, and the class's threshold is
+    ``threshold`` times that. A class the model is still learning gets a lower threshold.
+    ``probabilities``: (N, K); returns K thresholds in [0, threshold].
+    """
+    confidence, labels = probabilities.max(axis=1), probabilities.argmax(axis=1)
+    counts = np.bincount(labels[confidence >= threshold], minlength=probabilities.shape[1]).astype(np.float64)
+    unused = len(labels) - counts.sum()
+    effect = counts / max(counts.max(), unused, 1.0)
+    return threshold * effect / (2.0 - effect)
+
+
+def knn_graph(features: np.ndarray, neighbors: int = 10, components: int = 64, seed: int = 0):
+    """The k-nearest-neighbour graph that ``label_spreading`` spreads labels along.
+
+    ``features`` (N, D) are standardised and reduced to ``components`` principal components;
+    each image is joined to its ``neighbors`` nearest (itself included) in that space, as
+    scikit-learn's ``LabelSpreading(kernel="knn")`` does. Returns a sparse (N, N) 0/1 matrix.
+    Built once, it serves every round of a curriculum.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import kneighbors_graph
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    components = min(components, features.shape[1], len(features))
+    reduced = make_pipeline(StandardScaler(), PCA(components, random_state=seed)).fit_transform(features)
+    return kneighbors_graph(reduced, neighbors, mode="connectivity", include_self=True)
+
+
+def label_spreading(graph, labels: np.ndarray, num_classes: int, alpha: float = 0.99) -> np.ndarray:
+    """Class probabilities of every node of ``graph`` by label spreading (Zhou et al. 2004).
+
+    ``labels`` (N,): a class for the seeds, -1 for the images to label. scikit-learn's
+    ``LabelSpreading`` runs on the given graph (``knn_graph``); ``alpha`` is the share of a
+    label passed on to the neighbours at each step (0.99 as in the paper; scikit-learn's
+    default 0.2 leaves images a few hops from a seed nearly unlabeled). Returns (N, K); a row
+    with no path to a seed is uniform.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.semi_supervised import LabelSpreading
+
+    spreading = LabelSpreading(kernel=lambda *_: graph, alpha=alpha, max_iter=1000)  # the graph, not a kernel
+    with warnings.catch_warnings():
+        # Its stopping test sums the last step's change over every entry (N x K): at alpha 0.99 a
+        # large pool uses all 1,000 steps, long after the arg-max has settled.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        spreading.fit(np.zeros((len(labels), 1)), labels)
+    distributions = np.nan_to_num(spreading.label_distributions_, nan=1.0 / num_classes)
+    full = np.zeros((len(labels), num_classes))
+    full[:, spreading.classes_] = distributions  # classes_ lists the classes among the seeds
+    return full / np.maximum(full.sum(axis=1, keepdims=True), 1e-12)
+
+
+def pseudo_label_stats(pseudo_labels: np.ndarray, hidden_labels: np.ndarray | None, num_classes: int,
+                       seen: int) -> dict:  # fmt: skip
+    """Count kept, share of ``seen``, precision against ``hidden_labels`` (NaN when there are
+    none, e.g. a user's unlabeled folder), and the class histogram of the pseudo-labels."""
+    kept = len(pseudo_labels)
+    known = hidden_labels is not None and kept
+    return {
+        "pseudo_labels_kept": int(kept),
+        "kept_share": kept / seen if seen else 0.0,
+        "pseudo_label_precision": float(np.mean(pseudo_labels == hidden_labels)) if known else float("nan"),
+        "class_histogram": np.bincount(pseudo_labels, minlength=num_classes).astype(int).tolist(),
+    }
+
+
+def plot_rounds(rounds: list[dict], baseline_accuracy: float, baseline: str):
+    """Test accuracy after every round against the baseline, and the pseudo-labels' precision and share
+    of the pool per round (``rounds``: records with ``round``, ``test_accuracy``, ``pseudo_label_precision``
+    and ``kept_share``, as ``pseudo_label_stats`` gives). Returns the matplotlib figure."""
+    from common.evaluation import _pyplot
+
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["round"] for r in rounds]
+    left.plot(names, [r["test_accuracy"] for r in rounds], "o-", label="self-training")
+    left.axhline(baseline_accuracy, color="grey", linestyle="--", label=baseline)
+    left.set(ylabel="test accuracy", title="test accuracy after each round")
+    right.plot(names, [r["pseudo_label_precision"] for r in rounds], "o-", label="precision (hidden labels)")
+    right.plot(names, [r["kept_share"] for r in rounds], "s--", label="share of the pool used")
+    right.set(ylabel="fraction", title="pseudo-labels per round", ylim=(0, 1.02))
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def check_disjoint(labeled: np.ndarray, pool: np.ndarray, what: str = "the unlabeled pool") -> None:
+    """Raise ``InputError`` if an image of ``pool`` equals a labeled image (compared at 8 bits)."""
+
+    def keys(images):
+        flat = np.round(np.asarray(images).reshape(len(images), -1) * 255).astype(np.uint8)
+        return {row.tobytes(): i for i, row in enumerate(flat)}
+
+    labeled_keys = keys(labeled)
+    shared = [i for key, i in keys(pool).items() if key in labeled_keys]
+    if shared:
+        raise InputError(
+            f"{what} contains {len(shared)} of the labeled images (e.g. pool image {min(shared)}); "
+            "the pool must hold images whose labels are unknown, not the labeled ones"
+        )
+
+
+def read_unlabeled_folder(path: str, shape: tuple[int, int, int]) -> np.ndarray:
+    """Every image under ``path`` (in sub-folders or not) as float32 in [0, 1], resized to ``shape``
+    (H, W, 1 or 3) by ``keras.utils.image_dataset_from_directory``; ``InputError`` if there are none."""
+    from pathlib import Path
+
+    from common.errors import MissingInputError
+
+    if not Path(path).is_dir():
+        raise MissingInputError(f"unlabeled image folder {path!r} does not exist")
+    try:
+        images = keras.utils.image_dataset_from_directory(
+            path, labels=None, image_size=shape[:2], batch_size=None, shuffle=False, verbose=False,
+            color_mode="grayscale" if shape[2] == 1 else "rgb",
+        )  # fmt: skip
+        return np.stack(list(images.as_numpy_iterator())).astype(np.float32) / np.float32(255.0)
+    except (ValueError, OSError, tf.errors.OpError) as error:
+        raise InputError(f"unlabeled image folder {path!r}: no usable images ({error})") from error
+
+
+def index_batches(n: int, batch_size: int, rng: np.random.Generator):
+    """Endless fixed-size batches of indices into ``n`` items, one fresh permutation per pass."""
+    buffer = np.empty(0, dtype=np.int64)
+    while True:
+        while len(buffer) < batch_size:
+            buffer = np.concatenate([buffer, rng.permutation(n)])
+        yield buffer[:batch_size]
+        buffer = buffer[batch_size:]
+
+
+# --- Training with an EMA teacher -----------------------------------------------------------
+
+
+class EMATrainer:
+    """One training phase: Adam with a cosine decay over ``steps``, an EMA of the weights.
+
+    ``ema_model`` (same architecture) follows ``model`` as an exponential moving average with
+    the usual warm-up ``min(decay, (1 + t) / (10 + t))``; it teaches and is evaluated (Mean
+    Teacher, Tarvainen & Valpola 2017). ``consistency_step`` is FixMatch's (Sohn et al. 2020):
+    the EMA teacher labels a weak view of the unlabeled batch; where its confidence reaches the
+    threshold (``threshold``, or FlexMatch's per-class thresholds when ``flexmatch`` and the
+    pool indices are given), the student learns that label on a strong view. Labeled and
+    unlabeled images share one forward pass, so BatchNorm sees one batch distribution.
+    """
+
+    def __init__(self, model: keras.Model, ema_model: keras.Model, steps: int, learning_rate: float,
+                 ema: float = 0.99, weak=None, strong=None, threshold: float = 0.95, pool_size: int = 0,
+                 flexmatch: bool = False):  # fmt: skip
+        self.model, self.ema_model, self.ema, self.threshold = model, ema_model, ema, threshold
+        self.optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps)))
+        self.optimizer.build(model.trainable_variables)
+        self.weak, self.strong, self.flexmatch = weak, strong, flexmatch
+        self.pairs = [(e, v) for e, v in zip(ema_model.weights, model.weights) if e.shape == v.shape]
+        self.loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+        # FlexMatch's memory: the last confident prediction for every pool image (-1: none yet).
+        self.memory = tf.Variable(tf.fill([max(1, pool_size)], tf.constant(-1, tf.int64)), trainable=False)
+        self.labels_step = tf.function(self._labels_step)
+        self.consistency_step = tf.function(self._consistency_step)
+
+    def _apply(self, tape, loss):
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        t = tf.cast(self.optimizer.iterations, tf.float32)
+        decay = tf.minimum(self.ema, (1.0 + t) / (10.0 + t))
+        for ema_weight, weight in self.pairs:
+            ema_weight.assign(decay * ema_weight + (1.0 - decay) * weight)
+
+    def _labels_step(self, x, y):
+        """One supervised step on a weak view of (x, y); returns the loss."""
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(self.loss(y, self.model(self.weak(x, training=True), training=True)))
+        self._apply(tape, loss)
+        return loss
+
+    def _thresholds(self, num_classes):
+        if not self.flexmatch:
+            return tf.fill([num_classes], tf.constant(self.threshold, tf.float32))
+        memory = self.memory.value()
+        counts = tf.reduce_sum(tf.one_hot(memory, num_classes), axis=0)  # -1 (not yet confident) counts nowhere
+        unused = tf.cast(tf.reduce_sum(tf.cast(memory < 0, tf.int32)), tf.float32)
+        effect = counts / tf.maximum(tf.maximum(tf.reduce_max(counts), unused), 1.0)
+        return self.threshold * effect / (2.0 - effect)
+
+    def _consistency_step(self, x, y, u, u_index):
+        """Returns (labeled loss, pseudo-label loss, pseudo-labels, 0/1 mask) for the batch."""
+        x = self.weak(x, training=True)
+        teacher_logits = self.ema_model(self.weak(u, training=True), training=False)
+        probabilities = tf.nn.softmax(tf.cast(teacher_logits, tf.float32))
+        pseudo_labels, confidence = tf.argmax(probabilities, axis=1), tf.reduce_max(probabilities, axis=1)
+        thresholds = self._thresholds(probabilities.shape[1])
+        mask = tf.cast(confidence >= tf.gather(thresholds, pseudo_labels), tf.float32)
+        if self.flexmatch:
+            confident = confidence >= self.threshold
+            self.memory.scatter_nd_update(u_index[:, None], tf.where(confident, pseudo_labels, tf.gather(self.memory, u_index)))  # fmt: skip
+        n = tf.shape(x)[0]
+        with tf.GradientTape() as tape:
+            logits = tf.cast(self.model(tf.concat([x, self.strong(u, training=True)], 0), training=True), tf.float32)
+            labeled_loss = tf.reduce_mean(self.loss(y, logits[:n]))
+            pseudo_loss = tf.reduce_mean(mask * self.loss(pseudo_labels, logits[n:]))
+            loss = labeled_loss + pseudo_loss
+        self._apply(tape, loss)
+        return labeled_loss, pseudo_loss, pseudo_labels, mask
