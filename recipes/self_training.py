@@ -142,14 +142,13 @@ class Split:
 
 def load_tasks(config: Config) -> tuple[data.Dataset | None, data.Dataset]:
     """The source task (None with --base none) and the target task, labels re-indexed from 0."""
+    if config.base != "none":
+        return data.load_tasks(config.dataset, config.source_classes, config.target_classes, config.image_size,
+                               config.seed)  # fmt: skip
     dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
     target_classes = data.parse_classes(config.target_classes)
-    if config.base == "none":
-        data.check_class_split(dataset, target_classes)
-        return None, data.select_classes(dataset, target_classes)
-    source_classes = data.parse_classes(config.source_classes)
-    data.check_class_split(dataset, source_classes, target_classes)
-    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+    data.check_class_split(dataset, target_classes)
+    return None, data.select_classes(dataset, target_classes)
 
 
 def check_config(config: Config, target: data.Dataset) -> None:

@@ -78,11 +78,7 @@ class Config(RecipeConfig):
 
 def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
     """The source and target tasks, class lists checked, labels re-indexed from 0."""
-    dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
-    source_classes = data.parse_classes(config.source_classes)
-    target_classes = data.parse_classes(config.target_classes)
-    data.check_class_split(dataset, source_classes, target_classes)
-    return data.select_classes(dataset, source_classes), data.select_classes(dataset, target_classes)
+    return data.load_tasks(config.dataset, config.source_classes, config.target_classes, config.image_size, config.seed)
 
 
 def label_budgets(config: Config) -> list[int]:
