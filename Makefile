@@ -47,7 +47,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 
 test: setup lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The benchmarks' peers (JAX) live in their own virtualenv; the recipes and tests never need them.
 PEERS_VENV ?= .venv-peers

@@ -119,3 +119,13 @@ def test_recorded_runs_must_come_from_the_declared_command(tmp_path):
     )
     with pytest.raises(SystemExit, match="was not written by"):
         results.run_experiment(experiment, folders=[tmp_path])
+
+
+def test_a_row_says_alone_only_when_every_seed_ran_on_quiet_cores():
+    experiment = results.BY_KEY["weight_transfer"]
+    result = fake_result("weight_transfer")  # loads 2.0: quiet on two cores
+    assert results.QUIET_NOTE in results.readme_row(experiment, result)
+    result["runs"][1]["load"] = 7.5
+    assert results.SHARED_NOTE in results.readme_row(experiment, result)
+    result["runs"][1]["load"] = None  # taken from run folders: unknown, so not claimed quiet
+    assert results.SHARED_NOTE in results.readme_row(experiment, result)
