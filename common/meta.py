@@ -118,6 +118,28 @@ class EpisodeSampler:
         return (*as_arrays, drawn)
 
 
+def load_episode_pools(dataset: str, image_size: int, seed: int, train_classes: str, test_classes: str,
+                       rotations: bool, ways: int, all_shots: list[int], query: int):  # fmt: skip
+    """Meta-train and meta-test :class:`EpisodeSampler` over disjoint classes, and the ``data.Dataset``.
+
+    ``dataset`` is any ``data.load_dataset`` name; its train and test images are pooled,
+    greyscale at ``image_size`` (shape (n, image_size, image_size, 1)). ``train_classes`` /
+    ``test_classes`` are class lists such as ``"0-4"``. Every ``InputError`` (overlapping
+    classes, too few classes for ``ways``, too few images for ``shots + query``) is raised here.
+    """
+    loaded = data.load_dataset(dataset, image_size=image_size, seed=seed)
+    train_classes, test_classes = data.parse_classes(train_classes), data.parse_classes(test_classes)
+    data.check_class_split(loaded, train_classes, test_classes)
+    images = data.to_input_shape(np.concatenate([loaded.x_train, loaded.x_test]), (image_size, image_size, 1))
+    labels = np.concatenate([loaded.y_train, loaded.y_test])
+    train = EpisodeSampler(images, labels, train_classes, rotations, loaded.class_names)
+    test = EpisodeSampler(images, labels, test_classes, rotations, loaded.class_names)
+    for k in all_shots:
+        train.check(ways, k, query, "meta-train")
+        test.check(ways, k, query, "meta-test")
+    return train, test, loaded
+
+
 # --- Models, losses, scores -------------------------------------------------------------
 
 

@@ -1,66 +1,37 @@
 """MAML: learn an initialisation that adapts to a new task in a few gradient steps.
 
-Model-Agnostic Meta-Learning (Finn, Abbeel, Levine 2017) does not transfer the weights
-of one source task; it trains on a whole *family* of tasks so that, from the learned
-initial weights theta, a few SGD steps on a handful of examples of a new task give a
-good model for it:
+Model-Agnostic Meta-Learning (Finn, Abbeel, Levine 2017) trains on a whole *family* of
+tasks so that, from the learned initial weights theta, a few SGD steps on a handful of
+examples of a new task give a good model for it. Inner loop, per task: theta' = theta -
+alpha * grad L_support(theta), ``inner_steps`` times. Outer loop: Adam on the query loss of
+theta', averaged over a meta-batch of tasks. ``--algorithm maml`` differentiates through the
+inner updates (second order: ``model.stateless_call`` inside nested ``tf.GradientTape``s);
+``fomaml`` treats the inner gradients as constants; ``reptile`` (Nichol et al. 2018) moves
+theta towards weights adapted on the whole task. The tasks of a meta-batch run inside one
+compiled step (``tf.vectorized_map`` / ``tf.map_fn``); ``--strategy mirrored`` splits the
+meta-batch across replicas and averages their meta-gradients (all-reduce), one Adam update.
 
-- inner loop, per task: theta' = theta - alpha * grad L_support(theta), repeated
-  ``inner_steps`` times on the task's K support examples;
-- outer loop: update theta with Adam on the loss of theta' on the task's *query*
-  examples, averaged over a meta-batch of tasks.
+When to use it: many small related tasks (few labels each), and new ones to come. With one
+big source task, pre-training and fine-tuning (the other recipes) is simpler and as good.
 
-``--algorithm maml`` differentiates through the inner updates (second-order gradients:
-``model.stateless_call`` inside nested ``tf.GradientTape``s); ``fomaml`` treats the
-inner gradients as constants (first-order MAML, cheaper, usually close);
-``reptile`` (Nichol et al. 2018) moves theta towards the weights adapted with plain SGD
-on the whole task and needs no query split. The meta-step is one compiled
-``tf.function``; the tasks of a meta-batch run side by side through
-``tf.vectorized_map``, not through a Python loop.
+Default (``python -m recipes.maml``): the paper's sinusoid regression, y = A sin(x - phase),
+K = 10 support and 10 query points, MLP 1-40-40-1, meta-batch 25, alpha 0.01, 20,000
+iterations (``iterations // 100`` meta-steps per XLA-compiled call, tasks drawn in the graph).
+The baseline, ``pretrained``, is the same MLP trained jointly on all tasks. Both are adapted
+to 600 new tasks with 0, 1, 5 and 10 SGD steps; MSE on 100 fresh points (95% CI). Measured
+(seed 0, ``make results``): MAML 0.35 / 0.20 / 0.13 after 1 / 5 / 10 steps, pretrained
+2.30 / 1.70 / 1.61, in about 40 s. The paper shows these curves only as plots (Figure 3).
 
-When to use it: you have many small related tasks (few labels each) and will meet new
-ones; you want a starting point built for fast adaptation rather than for one task.
-With one big source task, plain pre-training and fine-tuning (the other recipes) is
-simpler and usually as good.
-
-What the default run does (``python -m recipes.maml``), the paper's sinusoid regression:
-
-1. Each task is y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5],
-   with K = 10 support and 10 query points. The network is an MLP 1-40-40-1 (ReLU).
-2. MAML meta-trains it (meta-batch 25 tasks, alpha 0.01, one inner step, Adam 1e-3).
-3. The baseline, ``pretrained``, is the same network trained jointly on all tasks
-   (plain regression on points of random tasks), as in the paper.
-4. Both are fine-tuned on 600 new tasks with 0, 1, 5 and 10 SGD steps of size alpha on
-   the K support points; the MSE on 100 fresh points of each task is reported with its
-   95% confidence interval, and four test tasks are plotted (true curve, support points,
-   predictions before and after adaptation).
-
-The MAML paper gives its sinusoid results only as plots (its Figure 3: MSE against the
-number of gradient steps), not in a table, so there is no paper number to compare with.
-Our default runs 20,000 iterations and measured MAML 0.35 / 0.20 / 0.13 against pretrained
-2.30 / 1.70 / 1.61 (seed 0, ``make results``; MSE on 100 query points per task). Speed: the
-meta-training loop runs ``iterations // 100`` meta-steps per call, compiled by XLA, with the
-tasks drawn in the graph (``MetaLearner.meta_train_loop``); the whole run took 36 s on two busy
-CPU cores, about as fast as the same computation in JAX (``make bench``).
-
-N-way K-shot classification (``--dataset fashion_mnist``, ``tfds:omniglot``, ``folder:``):
-classes are split into disjoint meta-train (``--train-classes``) and meta-test classes
-(``--test-classes``). An episode draws N classes, K support and ``--query`` query images
-per class, labels shuffled. The network is the paper's Omniglot CNN: four blocks of 3x3
-Conv64 (stride 2) + BatchNorm + ReLU, average pooling, a linear N-way layer, at 28x28.
-One model is meta-trained per entry of ``--shots`` (default 1 and 5) and evaluated on
-600 episodes from the meta-test classes. The baseline, ``pretrained``, is the same CNN
-trained as an ordinary classifier on the meta-train classes; on each episode its
-features are frozen and a new N-way head is fitted on the support set. BatchNorm uses
-the statistics of the current batch both at meta-training and at meta-test time, as in
-the original MAML (there are no running averages to carry over from other tasks); at
-meta-test the query images of an episode are normalised together (transductive).
-Fashion-MNIST 5-way, 600 episodes, 10 adaptation steps, seed 0: MAML 52.7% +- 0.9 (1-shot)
-and 74.7% +- 0.8 (5-shot) against 46.8% and 66.5% for the pretrained features with a new
-head (chance 20%); 556 s on two busy CPU cores, 350 s of it second-order meta-training
-(XLA does not help here: it made this CNN's meta-step 8x slower on the CPU, so the image
-path keeps the plain compiled graph). ``--algorithm fomaml`` is cheaper; ``reptile`` wants ``--inner-steps 5`` or
-more (with one step it is plain joint training).
+Images (``--dataset fashion_mnist``, ``tfds:omniglot``, ``folder:``): N-way K-shot episodes
+from disjoint meta-train / meta-test classes, the paper's Conv4 (4 x 3x3 Conv64 stride 2,
+BatchNorm, ReLU; 28x28 grey), one model per ``--shots`` entry (1 and 5), meta-batch 4, 600
+iterations, scored on 600 meta-test episodes after 10 steps of 0.4. BatchNorm uses batch
+statistics at meta-train and meta-test time, as the original MAML (query images of an
+episode normalised together). Baseline: the same CNN trained as a classifier of the
+meta-train classes (one epoch), frozen, a new linear head per support set. Fashion-MNIST
+5-way, seed 0: MAML 51.5% (1-shot) and 74.7% (5-shot) against 45.8% and 66.1%
+(chance 20%); 377 s on two busy CPU cores (phase times in metrics.json; docs/speed.md).
+XLA made this CNN's steps 8-10x slower on the CPU, so the image path runs the plain graph.
 """
 
 from __future__ import annotations
@@ -72,7 +43,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import data, evaluation, loops, meta
+from common import evaluation, loops, meta
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 from common.meta import (  # the task families, models and losses of the MAML paper
     EpisodeSampler,
@@ -115,15 +86,17 @@ class Config(RecipeConfig):
     shots: str = knob("1,5", "Images: support images per class (K); one model is meta-trained per value.")
     query: int = knob(5, "Images: query images per class in an episode.")
     image_iterations: int = knob(600, "Images: meta-training iterations per K (the paper, Omniglot: 40000).")
-    image_batch_size: int = knob(8, "Images: episodes per meta-batch (the paper: 32).")
+    image_batch_size: int = knob(4, "Images: episodes per meta-batch (the paper: 32; 8 measured no better here).")
     image_alpha: float = knob(0.4, "Images: inner-loop SGD step size (the paper, Omniglot: 0.4).")
     image_size: int = knob(28, "Images: side the images are resized to (greyscale).")
     filters: int = knob(64, "Images: filters of each of the four conv blocks (the paper: 64).", minimum=1)
     rotations: bool = knob(False, "Images: add each class rotated by 90/180/270 degrees as new classes (Omniglot).")
     jit_compile: bool = knob(True, "Compile the sinusoid meta-training loop with XLA (--no-jit-compile: plain graph).")
-    epochs: int = knob(2, "Images: epochs of the pretrained baseline classifier on the meta-train classes.", minimum=1)
+    epochs: int = knob(1, "Images: epochs of the pretrained baseline classifier on the meta-train classes.", minimum=1)
     pretrain_images: int = knob(0, "Images: meta-train images the baseline classifier trains on (0: all).", minimum=0)
     head_steps: int = knob(100, "Images: Adam steps fitting the baseline's new head on each support set.", minimum=1)
+
+    MULTI_WORKER = True  # the meta-batch split across workers by the distributed meta-step
 
     QUICK = dict(
         iterations=300,
@@ -177,26 +150,6 @@ def check_config(config: Config) -> None:
     parse_steps(config.eval_steps, "eval steps")
     if image and min(parse_steps(config.shots, "shots")) < 1:
         raise InputError(f"--shots {config.shots!r}: every K must be at least 1")
-
-
-# --- Task families and episodes (common.meta) -----------------------------------------
-
-
-def load_image_pools(config: Config) -> tuple[EpisodeSampler, EpisodeSampler, data.Dataset]:
-    """Meta-train and meta-test episode samplers over disjoint classes (train and test images pooled)."""
-    dataset = data.load_dataset(config.dataset, image_size=config.image_size, seed=config.seed)
-    train_classes = data.parse_classes(config.train_classes)
-    test_classes = data.parse_classes(config.test_classes)
-    data.check_class_split(dataset, train_classes, test_classes)
-    shape = (config.image_size, config.image_size, 1)
-    images = data.to_input_shape(np.concatenate([dataset.x_train, dataset.x_test]), shape)
-    labels = np.concatenate([dataset.y_train, dataset.y_test])
-    train = EpisodeSampler(images, labels, train_classes, config.rotations, dataset.class_names)
-    test = EpisodeSampler(images, labels, test_classes, config.rotations, dataset.class_names)
-    for k in parse_steps(config.shots, "shots"):
-        train.check(config.ways, k, config.query, "meta-train")
-        test.check(config.ways, k, config.query, "meta-test")
-    return train, test, dataset
 
 
 # --- The meta-learner ---------------------------------------------------------------
@@ -448,9 +401,11 @@ def meta_train_images(learner: MetaLearner, sampler: EpisodeSampler, shots: int,
 
 def run_images(config: Config, start: float, strategy=None) -> dict:
     """N-way K-shot: the pretrained baseline, then one meta-trained CNN per K; all scored on the same episodes."""
-    train_sampler, test_sampler, dataset = load_image_pools(config)  # every data error before training
-    steps = parse_steps(config.eval_steps, "eval steps")
-    all_shots = parse_steps(config.shots, "shots")
+    steps, all_shots = parse_steps(config.eval_steps, "eval steps"), parse_steps(config.shots, "shots")
+    train_sampler, test_sampler, dataset = meta.load_episode_pools(  # every data error before training
+        config.dataset, config.image_size, config.seed, config.train_classes, config.test_classes,
+        config.rotations, config.ways, all_shots, config.query,
+    )  # fmt: skip
     run_dir = evaluation.make_run_dir("maml", config.out)
     print(f"{dataset}\nmeta-train classes {config.train_classes}, meta-test classes {config.test_classes}, "
           f"{config.ways}-way {all_shots}-shot, {config.algorithm}; run folder: {run_dir}")  # fmt: skip
@@ -480,7 +435,7 @@ def run_images(config: Config, start: float, strategy=None) -> dict:
                               config.inner_steps, config.meta_lr, task_map="map", strategy=strategy)  # fmt: skip
         histories[f"meta_train_{shots}_shot"] = meta_train_images(learner, train_sampler, shots, config)
         timer.lap(f"meta_train_{shots}_shot")
-        scores = learner.evaluate(episodes, steps, chunk=50)
+        scores = learner.evaluate(episodes, steps, chunk=100)
         timer.lap(f"evaluate_{config.algorithm}_{shots}_shot")
         by_steps = meta.summarise(scores, steps, key)
         mean, half = by_steps[f"{key}_after_{max(steps)}_steps"], by_steps["ci95"][f"{key}_after_{max(steps)}_steps"]

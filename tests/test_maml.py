@@ -294,3 +294,26 @@ def test_omniglot_under_mock_data(tmp_path):
 
 def test_notebook_runs_in_quick_mode():
     execute_notebook(ROOT / "notebooks" / "04_maml.ipynb")
+
+
+def test_two_local_workers_match_one_process(tmp_path):
+    """--strategy multi_worker: two workers on 127.0.0.1 each take half of every meta-batch (same seed, same
+    tasks drawn on both); the result equals one process's (the plain graph on both sides: XLA is not used under
+    a strategy)."""
+    from common import distributed
+
+    argv = ["--quick", "--batch-size", "24", "--eval-tasks", "50", "--no-jit-compile"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", RECIPES_QUICK="")
+    command = [sys.executable, "-m", "recipes.maml", *argv, "--strategy", "multi_worker"]
+    workers = distributed.launch_local(command + ["--out", str(tmp_path / "workers")], 2, str(tmp_path), env)
+    try:
+        codes = [worker.wait(timeout=600) for worker in workers]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert codes == [0, 0], [(tmp_path / f"worker-{i}.log").read_text()[-2000:] for i in range(2)]
+    one = maml.main([*argv, "--out", str(tmp_path / "one")])
+    two = json.loads((tmp_path / "workers" / "metrics.json").read_text())  # only the chief wrote it
+    for variant in ("maml", "pretrained"):
+        for key in ("mse_after_0_steps", "mse_after_1_step", "mse_after_5_steps"):
+            assert two["variants"][variant][key] == pytest.approx(one["variants"][variant][key], rel=1e-4)
