@@ -132,12 +132,8 @@ def check_config(config: Config) -> None:
         raise InputError(f"unknown algorithm {config.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     image = config.dataset != SINUSOID
     alpha_name, alpha = ("image_alpha", config.image_alpha) if image else ("alpha", config.alpha)
-    positive = {
-        alpha_name: alpha,
-        "meta_lr": config.meta_lr,
-        "inner_steps": config.inner_steps,
-        "eval_tasks": config.eval_tasks,
-    }
+    positive = {alpha_name: alpha, "meta_lr": config.meta_lr, "inner_steps": config.inner_steps}
+    positive |= {"eval_tasks": config.eval_tasks}
     if image:
         positive |= {"ways": config.ways, "query": config.query, "image_iterations": config.image_iterations}
         positive |= {"image_batch_size": config.image_batch_size, "image_size": config.image_size}
