@@ -79,6 +79,25 @@ def test_reptile_moves_towards_the_adapted_weights():
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-3, atol=1e-5)
 
 
+def test_evaluation_scores_each_task_alone_whatever_the_chunk():
+    tasks = sine_batch(tasks=6, seed=1)
+    first = learner("maml")
+    whole = first.evaluate(tasks, [0, 1, 3], chunk=6)
+    np.testing.assert_allclose(first.evaluate(tasks, [0, 1, 3], chunk=4), whole, rtol=1e-5)
+    assert whole.shape == (6, 3) and (whole[:, 1] < whole[:, 0]).mean() > 0.5  # adapting lowers the MSE
+    summary = meta.summarise(whole, [0, 1, 3], "mse")
+    assert summary["mse_after_1_step"] == pytest.approx(whole[:, 1].mean())
+    assert set(summary["ci95"]) == {"mse_after_0_steps", "mse_after_1_step", "mse_after_3_steps"}
+
+
+def test_phase_timer_keeps_each_phase(capsys):
+    timer = meta.PhaseTimer()
+    timer.lap("a")
+    timer.lap("b")
+    assert list(timer.seconds) == ["a", "b"] and all(s >= 0 for s in timer.seconds.values())
+    assert "[a: " in capsys.readouterr().out
+
+
 # --- The meta-batch split across replicas (--strategy mirrored) --------------------------
 
 # Run in a process of its own: the two logical CPU devices must be configured before TensorFlow starts.
