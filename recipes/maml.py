@@ -86,7 +86,7 @@ class Config(RecipeConfig):
     shots: str = knob("1,5", "Images: support images per class (K); one model is meta-trained per value.")
     query: int = knob(5, "Images: query images per class in an episode.")
     image_iterations: int = knob(600, "Images: meta-training iterations per K (the paper, Omniglot: 40000).")
-    image_batch_size: int = knob(4, "Images: episodes per meta-batch (the paper: 32; 8: ~1 point more 1-shot, 2x the time).")
+    image_batch_size: int = knob(4, "Images: episodes per meta-batch (paper: 32; 8: ~1 point more 1-shot, 2x time).")
     image_alpha: float = knob(0.4, "Images: inner-loop SGD step size (the paper, Omniglot: 0.4).")
     image_size: int = knob(28, "Images: side the images are resized to (greyscale).")
     filters: int = knob(64, "Images: filters of each of the four conv blocks (the paper: 64).", minimum=1)
