@@ -37,3 +37,24 @@ def compiled_loop(step: Callable[[], tf.Tensor], jit_compile: bool = False) -> C
 
     run.repeat = repeat  # the tf.function itself (tracing counts, concrete functions)
     return run
+
+
+def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: str, reports: int = 100) -> dict:
+    """Call ``run(n)`` (n iterations, returns their mean loss) about ``reports`` times to do ``iterations``.
+
+    Shows a Keras progress bar headed by ``label``; returns ``{"loss": [...]}``, the mean loss
+    of each call (one entry per ``iterations // reports`` iterations, i.e. every 1% by default).
+    """
+    import keras
+
+    print(label)
+    progress = keras.utils.Progbar(iterations, stateful_metrics=["loss"])
+    every = max(1, iterations // reports)
+    history, done = {"loss": []}, 0
+    while done < iterations:
+        n = min(every, iterations - done)
+        loss = float(run(n))
+        done += n
+        history["loss"].append(loss)
+        progress.update(done, [("loss", loss)])
+    return history

@@ -50,3 +50,19 @@ def test_rejects_fewer_than_one_step():
     run = loops.compiled_loop(lambda: tf.constant(0.0))
     with pytest.raises(ValueError, match="at least one step per call, got 0"):
         run(0)
+
+
+def test_run_with_progress_calls_in_one_percent_slices_and_keeps_each_mean_loss(capsys):
+    calls = []
+
+    def run(n):
+        calls.append(n)
+        return tf.constant(float(len(calls)))
+
+    history = loops.run_with_progress(run, 250, "label")
+    assert calls == [2] * 125 and sum(calls) == 250  # 250 // 100 = 2 iterations a call
+    assert history["loss"] == [float(i) for i in range(1, 126)]
+    assert capsys.readouterr().out.startswith("label")
+    calls.clear()
+    loops.run_with_progress(run, 7, "small")
+    assert calls == [1] * 7

@@ -41,7 +41,7 @@ PATHS = {
     weight_transfer: "distributed step",
     feature_extraction: "distributed step",  # the frozen base is pretrained (or loaded) by each worker
     fine_tune: "refused",
-    maml: "refused",
+    maml: "distributed step",  # the meta-batch split across workers (the baselines train on each worker alone)
     self_training: "refused",  # being rewritten on another branch; moves over after the merge
     choose_source: "refused",
     domain_adaptation: "refused",
