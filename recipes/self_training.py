@@ -127,9 +127,11 @@ def check_config(config: Config, target: data.Dataset) -> None:
         raise InputError(f"--base none trains from scratch: only --method consistency applies, not {config.method!r}")
     if config.base != "none":
         bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut, config.base_layer)
-    if config.method == "consistency" and (config.strategy != "default" or config.backup_dir):
-        raise InputError(f"--method consistency trains on one device with its own EMA loop: no --strategy "
-                         f"{config.strategy} or --backup-dir; use --method curriculum or noisy_student")  # fmt: skip
+    if config.method == "consistency" and config.strategy != "default":
+        raise InputError(f"--method consistency trains on one device with its own EMA loop, not under --strategy "
+                         f"{config.strategy}; use --method curriculum or noisy_student")  # fmt: skip
+    if config.method == "consistency" and config.backup_dir:
+        raise InputError("--method consistency keeps no checkpoints for --backup-dir; run it without the flag")
     semi.parse_fractions(config.fractions)
 
 

@@ -132,15 +132,13 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, one_p
         assert abs(value - accuracies(one)[name]) <= TOLERANCE, (accuracies(two), accuracies(one))
 
 
-# The image-space student too (one, quick), so that its training and the sharded pseudo-labelling run.
-SELF_TRAINING = ["--quick", "--method", "noisy_student", "--unlabeled", "1000", "--test-images", "250"]
-SELF_TRAINING_TOLERANCE = 0.02  # scratch, transfer, curriculum: measured 0.000 apart; the student: measured below
-
-
-def test_under_multi_worker_self_training_trains_scratch_and_student_without_fit(monkeypatch, tmp_path):
-    forbid_fit(monkeypatch, allowed=("source_cnn",))  # each worker's own, undistributed base pretraining
-    record = self_training.main([*SELF_TRAINING, "--out", str(tmp_path)])
-    assert [r["round"] for r in record["variants"]["self_training"]["rounds"]][-1] == "student 1"
+# The image-space student too (one, quick), so that its training and the sharded pseudo-labelling run; a run
+# that reached fit under multi_worker would fail (keras#20585), and the chief's log shows the shared step's line.
+SELF_TRAINING = ["--quick", "--method", "noisy_student", "--unlabeled", "1000", "--test-images", "250", "--scratch-epochs", "1",
+                 "--batch-size", "256"]  # fmt: skip
+# Two workers against one process: transfer and the curriculum identical (same features), scratch 0.000 apart, the
+# student 0.012 (3 of 250 test images: its augmentation draws differ when each worker augments half of a batch).
+SELF_TRAINING_TOLERANCE = 0.02
 
 
 def test_two_workers_run_self_training_and_only_the_chief_writes(tmp_path):
@@ -148,7 +146,7 @@ def test_two_workers_run_self_training_and_only_the_chief_writes(tmp_path):
     command = [*PYTHON, "recipes.self_training", *SELF_TRAINING, "--strategy", "multi_worker"]
     workers = distributed.launch_local([*command, "--out", str(tmp_path / "two")], 2, str(tmp_path), env())
     try:
-        codes = [worker.wait(timeout=240) for worker in workers]
+        codes = [worker.wait(timeout=420) for worker in workers]
     finally:
         for worker in workers:
             worker.kill()
@@ -157,6 +155,7 @@ def test_two_workers_run_self_training_and_only_the_chief_writes(tmp_path):
     assert not Path(logs[1].split("run folder: ")[1].split("\n")[0]).exists()
     assert "Epoch 1/" not in logs[0] and "epoch 1/1" in logs[0]  # the student's shared step, not fit
     two = metrics(tmp_path / "two")
+    print(f"one process {accuracies(one)}, two workers {accuracies(two)}")
     assert two["variants"]["transfer"]["confusion_matrix"] == one["variants"]["transfer"]["confusion_matrix"]
     for name, value in accuracies(two).items():
         assert abs(value - accuracies(one)[name]) <= SELF_TRAINING_TOLERANCE, (accuracies(two), accuracies(one))

@@ -259,7 +259,7 @@ def bad_inputs(tmp_path):
         (["--base", "no/such/model.keras"], "no such .keras file"),
         (["--source-classes", "0-5"], "two class lists"),
         (["--strategy", "mirrored", "--method", "consistency"], "--method consistency trains on one device"),
-        (["--backup-dir", "{tmp}/backup", "--method", "consistency"], "no --strategy default or --backup-dir"),
+        (["--backup-dir", "{tmp}/backup", "--method", "consistency"], "keeps no checkpoints for --backup-dir"),
         (["--pool", "my_images"], "give folder:<path>"),
         (["--pool", "folder:no/such/folder"], "does not exist"),
         (["--pool", "folder:{tmp}/pool"], r"contains 2 of the labeled images"),
