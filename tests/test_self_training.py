@@ -105,7 +105,7 @@ def test_each_pseudo_labelling_method_finds_the_two_clusters():
 
     # The recipe's curriculum on these "features": its last head labels the whole pool right.
     images = np.zeros((len(x), 1, 1, 1), np.float32)
-    split = st.Split(images[labeled], y[labeled], images[pool], y[pool], images[:10], y[:10], labeled, pool)
+    split = semi.Split(images[labeled], y[labeled], images[pool], y[pool], images[:10], y[:10], labeled, pool)
     features = {"labeled": x[labeled], "pool": x[pool], "test": x[:10]}
     for labeler in st.LABELERS:
         head, rounds, probabilities = st.curriculum(
