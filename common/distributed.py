@@ -435,6 +435,32 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
     return history
 
 
+def predict_in_shards(predict, x, strategy=None):
+    """``predict(x)`` (arrays -> arrays of one row per input row), shared out over the replicas.
+
+    Under ``MultiWorkerMirroredStrategy`` replica ``r`` of ``R`` predicts only rows
+    ``[r * ceil(N / R), (r + 1) * ceil(N / R))`` of ``x`` (N, ...), and ``strategy.gather``
+    (an all-gather) gives every worker all N rows, in order: e.g. pseudo-labelling an unlabeled
+    pool with a model every worker holds. Any other strategy (or ``None``): ``predict(x)``.
+    """
+    import numpy as np
+
+    if strategy is None or not is_multi_worker(strategy):
+        return np.asarray(predict(x))
+    import tensorflow as tf
+
+    size = -(-len(x) // strategy.num_replicas_in_sync)
+
+    def shard(context):
+        start = context.replica_id_in_sync_group * size
+        part = np.asarray(predict(x[start : start + size] if start < len(x) else x[:1]))[: max(0, len(x) - start)]
+        return tf.constant(np.pad(part, [(0, size - len(part))] + [(0, 0)] * (part.ndim - 1)))
+
+    # Shards are full up to the last non-empty one, so the padding rows all come after row N.
+    gathered = strategy.gather(strategy.experimental_distribute_values_from_function(shard), axis=0)
+    return gathered.numpy()[: len(x)]
+
+
 # --- Local workers (demo, tests, benchmark) -------------------------------------------
 
 

@@ -14,8 +14,13 @@ No algorithm lives here, only the pieces a self-training recipe assembles:
   (``knn_graph``, ``label_spreading``; scikit-learn);
 - ``pseudo_label_stats``: how many were kept, their precision against held-back labels;
   ``plot_rounds``: accuracy and precision round by round;
-- ``check_disjoint``: an unlabeled pool must not contain the labeled images;
-  ``read_unlabeled_folder``: a user's pool of images without labels;
+- ``Split`` / ``split_labeled_pool``: the labeled images, the unlabeled pool (hidden labels
+  kept for precision only) and the test images; ``check_disjoint``: a pool must not contain
+  the labeled images; ``read_unlabeled_folder``: a user's pool of images without labels;
+- a student in image space: ``build_student`` (a trainable copy of a base with a classifier
+  started from a linear head), ``train_on_view`` (augmented views, through
+  ``distributed.train``), ``predict_probabilities`` (in shards under multi_worker);
+  ``log_round``: one round's record, printed;
 - ``EMATrainer``: Adam with a cosine decay, an exponential moving average of the weights,
   and ``tf.function`` steps for labels only and for FixMatch-style consistency.
 """
@@ -23,13 +28,16 @@ No algorithm lives here, only the pieces a self-training recipe assembles:
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from common import bases, data, distributed, models
 from common.errors import InputError
 
 VIEWS = ("weak", "erasing", "randaugment")
@@ -64,7 +72,36 @@ def make_view(kind: str, seed: int, name: str | None = None) -> keras.Sequential
     return keras.Sequential(ops, name=name or f"{kind}_view")
 
 
+def view_then(kind: str, seed: int, preprocess=None):
+    """``make_view(kind, seed)`` followed by ``preprocess`` (e.g. a base's own preprocessing): a
+    function ``(images, training=True) -> inputs`` for a trainer's weak or strong view."""
+    view = make_view(kind, seed)
+    preprocess = preprocess or (lambda images: images)
+    return lambda images, training=True: preprocess(view(images, training=training))
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """A model of the same architecture with its own variables, holding ``model``'s weights."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 # --- Selecting pseudo-labels ---------------------------------------------------------------
+
+
+def parse_fractions(spec: str, flag: str = "--fractions") -> list[float]:
+    """Curriculum shares ``"0.2,0.4,1.0"`` -> ``[0.2, 0.4, 1.0]``: each in (0, 1], none smaller than
+    the one before; otherwise ``InputError`` naming ``flag``."""
+    try:
+        fractions = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
+        raise InputError(f"{flag} {spec!r}: give comma-separated shares in (0, 1], e.g. 0.2,0.4,1.0")
+    if fractions != sorted(fractions):
+        raise InputError(f"{flag} {spec!r} must not decrease")
+    return fractions
 
 
 def select_top_fraction(probabilities: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -197,6 +234,15 @@ def pseudo_label_stats(pseudo_labels: np.ndarray, hidden_labels: np.ndarray | No
     }
 
 
+def log_round(name: str, test_accuracy: float, stats: dict, start: float) -> dict:
+    """One round's record: ``name``, ``test_accuracy``, ``stats`` (``pseudo_label_stats``) and the
+    seconds since ``start`` (``time.perf_counter``); printed as one line, returned."""
+    record = {"round": name, "test_accuracy": test_accuracy, **stats, "seconds": round(time.perf_counter() - start, 1)}
+    print(f"  {name}: test accuracy {test_accuracy:.3f}, {record['pseudo_labels_kept']} pseudo-labels, "
+          f"precision {record['pseudo_label_precision']:.3f}, {record['seconds']:.0f} s", flush=True)  # fmt: skip
+    return record
+
+
 def plot_rounds(rounds: list[dict], baseline_accuracy: float, baseline: str):
     """Test accuracy after every round against the baseline, and the pseudo-labels' precision and share
     of the pool per round (``rounds``: records with ``round``, ``test_accuracy``, ``pseudo_label_precision``
@@ -218,6 +264,60 @@ def plot_rounds(rounds: list[dict], baseline_accuracy: float, baseline: str):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --- The labeled images, the unlabeled pool, the test images ---------------------------------
+
+
+@dataclass
+class Split:
+    """Labeled images, the unlabeled pool (hidden labels only for precision), the test images."""
+
+    x_labeled: np.ndarray
+    y_labeled: np.ndarray
+    x_pool: np.ndarray
+    hidden_labels: np.ndarray | None  # None for a user's pool: precision is then unknown
+    x_test: np.ndarray
+    y_test: np.ndarray
+    labeled_index: np.ndarray = field(repr=False)
+    pool_index: np.ndarray = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Split(labeled={len(self.x_labeled)}, pool={len(self.x_pool)}, test={len(self.x_test)})"
+
+
+def split_labeled_pool(target: data.Dataset, labels_per_class: int, seed: int, pool: str = "", unlabeled: int = 0,
+                       test_images: int = 0) -> Split:  # fmt: skip
+    """``labels_per_class`` labeled training images per class drawn with ``seed``; the pool is the rest
+    of the training split (labels hidden), or the images of ``pool`` = ``folder:<path>`` (no labels).
+
+    ``unlabeled`` > 0 keeps that many pool images (drawn with ``seed``); ``test_images`` > 0 that many
+    test images, stratified. Errors (``InputError``, naming the flags ``--labels-per-class`` and
+    ``--pool``): too few images of a class, a pool that holds labeled images, a missing folder.
+    """
+    if pool and not pool.startswith("folder:"):
+        raise InputError(f"--pool {pool!r}: give folder:<path> (your unlabeled images) or nothing")
+    what = f"--labels-per-class {labels_per_class}"
+    labeled = data.sample_per_class(target.y_train, labels_per_class, seed, target.class_names, what=what)
+    if pool:
+        x_pool = read_unlabeled_folder(pool.removeprefix("folder:"), target.input_shape)
+        index, hidden = np.arange(len(x_pool)), None
+    else:
+        index = np.setdiff1d(np.arange(len(target.y_train)), labeled)
+        x_pool, hidden = target.x_train, target.y_train
+    if 0 < unlabeled < len(index):
+        index = np.sort(np.random.default_rng(seed + 1).choice(index, unlabeled, replace=False))
+    if not len(index):
+        raise InputError(f"the unlabeled pool is empty: {labels_per_class} labels per class use every image")
+    x_pool, hidden = x_pool[index], None if hidden is None else hidden[index]
+    check_disjoint(target.x_train[labeled], x_pool, f"the unlabeled pool {pool}".strip())
+    x_test, y_test = target.x_test, target.y_test
+    if 0 < test_images < len(x_test):
+        smallest = int(np.bincount(y_test, minlength=target.num_classes).min())
+        per_class = min(max(1, test_images // target.num_classes), smallest)
+        keep = data.sample_per_class(y_test, per_class, seed, target.class_names)
+        x_test, y_test = x_test[keep], y_test[keep]
+    return Split(target.x_train[labeled], target.y_train[labeled], x_pool, hidden, x_test, y_test, labeled, index)
 
 
 def check_disjoint(labeled: np.ndarray, pool: np.ndarray, what: str = "the unlabeled pool") -> None:
@@ -263,6 +363,60 @@ def index_batches(n: int, batch_size: int, rng: np.random.Generator):
             buffer = np.concatenate([buffer, rng.permutation(n)])
         yield buffer[:batch_size]
         buffer = buffer[batch_size:]
+
+
+# --- A student in image space ------------------------------------------------------------------
+
+
+def build_student(base: bases.Base, head, num_classes: int, dropout: float, name: str = "student") -> keras.Model:
+    """A copy of ``base`` with its pretrained weights, every layer trainable (BatchNorm learns the
+    target's statistics), then dropout and a Dense ``classifier`` that starts as ``head`` (a
+    ``models.logistic_regression_head``; None: fresh). Outputs logits; build it in
+    ``strategy.scope()`` to train it under a ``tf.distribute`` strategy."""
+    copy = bases.fresh_copy(base).model
+    copy.trainable = True
+    inputs = keras.Input(base.input_shape)
+    x = copy(inputs)
+    if len(x.shape) == 4:
+        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    x = layers.Dropout(dropout, name="head_dropout")(layers.Flatten(name="head_flatten")(x))
+    model = keras.Model(inputs, layers.Dense(num_classes, name="classifier")(x), name=name)
+    if head is not None:
+        model.get_layer("classifier").set_weights(models.linear_head_weights(head, num_classes))
+    return model
+
+
+def train_on_view(model: keras.Model, base: bases.Base, x: np.ndarray, y: np.ndarray, view: str, epochs: int,
+                  batch_size: int, learning_rate: float, seed: int, strategy=None, backup_dir=None) -> dict:  # fmt: skip
+    """Adam with a cosine decay to 0 over ``epochs`` passes of (x, y) seen through ``make_view(view, seed)``.
+
+    ``x``: images in [0, 1] at the base's input shape (N, H, W, C), ``y`` (N,) integer labels;
+    the base's preprocessing runs after the view. Trains through ``distributed.train`` (``fit``,
+    or under multi_worker the shared distributed step; ``model`` built in ``strategy.scope()``);
+    ``backup_dir`` makes it resumable. Returns the history dict.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    augmentation = make_view(view, seed)  # outside the strategy's scope: it runs in the tf.data pipeline
+
+    def augment(images, labels):
+        return base.preprocess(augmentation(images, training=True)), labels
+
+    pipeline = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).batch(batch_size)
+                .map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))  # fmt: skip
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * int(pipeline.cardinality()))
+    with strategy.scope():
+        models.compile_classifier(model, schedule)
+    return distributed.train(model, pipeline, epochs, strategy, backup_dir=backup_dir, verbose=2)
+
+
+def predict_probabilities(model: keras.Model, x: np.ndarray, strategy=None, batch_size: int = 1024) -> np.ndarray:
+    """Softmax of ``model``'s logits on ``x``: (N, K) float32. Under multi_worker each worker predicts
+    its shard of ``x`` and all get every row (``distributed.predict_in_shards``)."""
+
+    def predict(images):
+        return tf.nn.softmax(tf.cast(model.predict(images, batch_size=batch_size, verbose=0), tf.float32)).numpy()
+
+    return distributed.predict_in_shards(predict, x, strategy)
 
 
 # --- Training with an EMA teacher -----------------------------------------------------------

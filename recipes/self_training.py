@@ -30,7 +30,9 @@ augmented views), ``--method consistency`` (FixMatch from the transfer model, an
 ``--flexmatch`` thresholds). ``--base`` also takes a keras.applications name or a ``.keras``
 file; ``--pool folder:<path>`` uses your own unlabeled images. ``--base none --method
 consistency --target-classes 0-9 --labels-per-class 100`` is the from-scratch setting this
-recipe started from, where a small CNN gains little.
+recipe started from, where a small CNN gains little. ``--strategy multi_worker`` (hosts in
+``TF_CONFIG``) trains scratch and the students through the shared distributed step, each worker
+labelling a shard of the pool; ``--backup-dir`` makes those phases resumable.
 
 What to expect (seeds 0-2, base cached): transfer 88.9-90.4%, self-training 94.2-94.8% (+4.7
 points on average, +4.3 at least), pseudo-label precision 0.94-0.95 on the whole pool; about 1.5
@@ -41,15 +43,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import bases, data, evaluation, models, semi
-from common.cli import InputError, RecipeConfig, knob, run_cli, set_seed
+from common import bases, data, distributed, evaluation, models, semi
+from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 METHODS = ("curriculum", "noisy_student", "consistency")
 LABELERS = ("propagation", "confidence")
@@ -60,57 +62,35 @@ class Config(RecipeConfig):
     """Self-training on a pretrained base (curriculum pseudo-labels, a noised student) against transfer alone."""
 
     dataset: str = knob("fashion_mnist", "Dataset: fashion_mnist, digits, mnist, cifar10, tfds:<name>, folder:<path>.")
-    image_size: int = knob(
-        0, "Image side: resizes tfds:/folder: images and is a backbone's input (0: native; 96).", minimum=0
-    )
+    image_size: int = knob(0, "Image side: resizes tfds:/folder: images; a backbone's input (0: native).", minimum=0)
     source_classes: str = knob("0-4", "Classes the source-cnn base is pretrained on (ignored with --base none).")
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
     labels_per_class: int = knob(10, "Labeled target training images per class (the label budget).", minimum=1)
-    pool: str = knob(
-        "", "Unlabeled pool: '' = the other target training images (labels hidden); folder:<path> = yours."
-    )
+    pool: str = knob("", "Unlabeled pool: '' = the other target training images (labels hidden); folder:<path>.")
     unlabeled: int = knob(0, "Use this many pool images, drawn with the seed (0: all).", minimum=0)
     test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).", minimum=0)
     base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, a .keras path, or none.")
     weights: str = knob("", "keras.applications weights: imagenet (default, online), none, or a weights file.")
-    base_layer: str = knob(
-        "", "Layer of a keras.applications or .keras base whose output is the features (default: below its classifier)."
-    )
-    source_width: int = knob(
-        16, "Width of the source-cnn base (and of the network trained with --base none).", minimum=1
-    )
+    base_layer: str = knob("", "Layer of a keras.applications/.keras base giving the features (default: bases.py).")
+    source_width: int = knob(16, "Width of the source-cnn base (and of the --base none network).", minimum=1)
     source_epochs: int = knob(2, "Pretraining epochs of the source-cnn base.", minimum=1)
     source_images: int = knob(0, "Source training images for the source-cnn base (0: all).", minimum=0)
     source_cut: str = knob("block2", "Last block of the source-cnn kept as the base: block1 | block2 | block3.")
-    method: str = knob(
-        "curriculum", "curriculum (feature space) | noisy_student (then image-space students) | consistency."
-    )
-    labeler: str = knob(
-        "propagation", "Curriculum pseudo-labels spread along a k-NN graph | from the head's confidence."
-    )
+    method: str = knob("curriculum", "curriculum (feature space) | noisy_student (then image space) | consistency.")
+    labeler: str = knob("propagation", "Pseudo-labels spread along a k-NN graph | from the head's confidence.")
     fractions: str = knob("0.2,0.4,0.6,0.8,1.0", "Curriculum: share of each class's pool predictions kept, per round.")
-    balance: bool = knob(
-        True, "Rescale pool predictions so every class gets its share (Sinkhorn-Knopp) before labeling."
-    )
+    balance: bool = knob(True, "Rescale pool predictions so every class gets its share (Sinkhorn-Knopp).")
     head_c: float = knob(1.0, "Inverse L2 strength (scikit-learn's C) of the logistic-regression heads.", minimum=1e-6)
     student_rounds: int = knob(2, "noisy_student: students in turn, each labeling the pool for the next.", minimum=1)
     student_epochs: int = knob(2, "noisy_student: epochs over labels + pseudo-labels per student.", minimum=1)
     student_view: str = knob("weak", f"The student's augmentation: {' | '.join(semi.VIEWS)} (common/semi.py).")
-    labeled_repeat: int = knob(
-        20, "noisy_student: each labeled image appears this many times per student epoch.", minimum=1
-    )
+    labeled_repeat: int = knob(20, "noisy_student: times each labeled image appears per student epoch.", minimum=1)
     learning_rate: float = knob(1e-3, "Adam peak learning rate of the student (cosine decay to 0).", minimum=0.0)
     dropout: float = knob(0.3, "Dropout before the student's classifier (part of its noise).", minimum=0.0, maximum=1.0)
-    batch_size: int = knob(
-        128, "Student batch size (consistency: labeled images per step, at most all of them).", minimum=1
-    )
-    steps: int = knob(
-        1000, "consistency: student steps (the --base none baseline gets as many labels-only steps).", minimum=1
-    )
+    batch_size: int = knob(128, "Student batch size (consistency: labeled images per step, at most all).", minimum=1)
+    steps: int = knob(1000, "consistency: student steps (as many for the --base none baseline).", minimum=1)
     teacher_steps: int = knob(3000, "consistency with --base none: labels-only steps before the student.", minimum=1)
-    threshold: float = knob(
-        0.95, "consistency: keep a pseudo-label when the teacher's confidence reaches this.", minimum=0.0, maximum=1.0
-    )
+    threshold: float = knob(0.95, "consistency: keep pseudo-labels this confident.", minimum=0.0, maximum=1.0)
     flexmatch: bool = knob(False, "consistency: FlexMatch's per-class thresholds instead of one threshold.")
     unlabeled_ratio: int = knob(3, "consistency: unlabeled images per step, per labeled image in the step.", minimum=1)
     ema: float = knob(0.99, "consistency: decay of the EMA of the weights (the teacher).", minimum=0.0, maximum=1.0)
@@ -118,23 +98,8 @@ class Config(RecipeConfig):
 
     QUICK = dict(unlabeled=2000, test_images=500, source_epochs=1, source_images=2000, fractions="0.5,1.0",
                  student_rounds=1, student_epochs=1, labeled_repeat=2, steps=20, teacher_steps=20, scratch_epochs=3)  # fmt: skip
-
-
-@dataclass
-class Split:
-    """Labeled images, the unlabeled pool (hidden labels only for precision), the test images."""
-
-    x_labeled: np.ndarray
-    y_labeled: np.ndarray
-    x_pool: np.ndarray
-    hidden_labels: np.ndarray | None  # None for a user's pool: precision is then unknown
-    x_test: np.ndarray
-    y_test: np.ndarray
-    labeled_index: np.ndarray = field(repr=False)
-    pool_index: np.ndarray = field(repr=False)
-
-    def __repr__(self) -> str:
-        return f"Split(labeled={len(self.x_labeled)}, pool={len(self.x_pool)}, test={len(self.x_test)})"
+    MULTI_WORKER = True  # scratch and students through common.distributed.train; see run()
+    BACKUP = True
 
 
 # --- Data and checks --------------------------------------------------------------------
@@ -162,49 +127,18 @@ def check_config(config: Config, target: data.Dataset) -> None:
         raise InputError(f"--base none trains from scratch: only --method consistency applies, not {config.method!r}")
     if config.base != "none":
         bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut, config.base_layer)
-    if config.strategy != "default":
-        raise InputError(f"strategy {config.strategy!r} is not supported: this recipe trains on one device")
-    if parse_fractions(config.fractions) != sorted(parse_fractions(config.fractions)):
-        raise InputError(f"--fractions {config.fractions!r} must not decrease")
-    data.check_per_class(target.y_train, config.labels_per_class, target.class_names,
-                         what=f"--labels-per-class {config.labels_per_class}")  # fmt: skip
-    if config.labels_per_class * target.num_classes == len(target.y_train) and not config.pool:
-        raise InputError(f"the unlabeled pool is empty: {config.labels_per_class} labels per class use every image")
-    if config.pool and not config.pool.startswith("folder:"):
-        raise InputError(f"--pool {config.pool!r}: give folder:<path> (your unlabeled images) or nothing")
+    if config.method == "consistency" and config.strategy != "default":
+        raise InputError(f"--method consistency trains on one device with its own EMA loop, not under --strategy "
+                         f"{config.strategy}; use --method curriculum or noisy_student")  # fmt: skip
+    if config.method == "consistency" and config.backup_dir:
+        raise InputError("--method consistency keeps no checkpoints for --backup-dir; run it without the flag")
+    semi.parse_fractions(config.fractions)
 
 
-def parse_fractions(spec: str) -> list[float]:
-    try:
-        fractions = [float(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        fractions = []
-    if not fractions or not all(0.0 < f <= 1.0 for f in fractions):
-        raise InputError(f"--fractions {spec!r}: give comma-separated shares in (0, 1], e.g. 0.2,0.4,1.0")
-    return fractions
-
-
-def split_target(target: data.Dataset, config: Config) -> Split:
+def split_target(target: data.Dataset, config: Config) -> semi.Split:
     """Seeded labels per class; the pool is the rest of the target training split, or --pool's folder."""
-    labeled = data.sample_per_class(target.y_train, config.labels_per_class, config.seed, target.class_names,
-                                    what=f"--labels-per-class {config.labels_per_class}")  # fmt: skip
-    if config.pool:
-        x_pool = semi.read_unlabeled_folder(config.pool.removeprefix("folder:"), target.input_shape)
-        pool, hidden = np.arange(len(x_pool)), None
-    else:
-        pool = np.setdiff1d(np.arange(len(target.y_train)), labeled)
-        x_pool, hidden = target.x_train, target.y_train
-    if 0 < config.unlabeled < len(pool):
-        pool = np.sort(np.random.default_rng(config.seed + 1).choice(pool, config.unlabeled, replace=False))
-    x_pool, hidden = x_pool[pool], None if hidden is None else hidden[pool]
-    semi.check_disjoint(target.x_train[labeled], x_pool, f"the unlabeled pool {config.pool or ''}".strip())
-    x_test, y_test = target.x_test, target.y_test
-    if 0 < config.test_images < len(x_test):
-        smallest = int(np.bincount(y_test, minlength=target.num_classes).min())
-        per_class = min(max(1, config.test_images // target.num_classes), smallest)
-        keep = data.sample_per_class(y_test, per_class, config.seed, target.class_names)
-        x_test, y_test = x_test[keep], y_test[keep]
-    return Split(target.x_train[labeled], target.y_train[labeled], x_pool, hidden, x_test, y_test, labeled, pool)
+    return semi.split_labeled_pool(target, config.labels_per_class, config.seed, config.pool, config.unlabeled,
+                                   config.test_images)  # fmt: skip
 
 
 def load_pretrained_base(config: Config, source: data.Dataset, target: data.Dataset) -> bases.Base:
@@ -213,24 +147,22 @@ def load_pretrained_base(config: Config, source: data.Dataset, target: data.Data
     settings = bases.SourceSettings(config.source_width, config.source_epochs, max_images=config.source_images)
     base = bases.load_base(config.base, config.weights, config.image_size, source, settings, config.source_cut,
                            layer=config.base_layer)  # fmt: skip
-    try:
-        features = bases.feature_extractor(base)(base.prepare(target.x_train[:2]), training=False)
-    except (ValueError, tf.errors.OpError) as error:
-        raise InputError(f"--base {config.base!r} (input {base.input_shape}) cannot take {target.name}'s images "
-                         f"of shape {target.input_shape}: {type(error).__name__}: {error}") from error  # fmt: skip
-    if len(features.shape) != 2:
-        raise InputError(f"--base {config.base!r} gives outputs of shape {tuple(features.shape)}, not feature vectors")
+    bases.check_takes_images(base, target.x_train, f"--base {config.base!r}")
     return base
 
 
 # --- Transfer: a head on cached features ------------------------------------------------------
 
 
-def extract_features(base: bases.Base, images: np.ndarray) -> np.ndarray:
-    return bases.feature_extractor(base).predict(base.prepare(images), batch_size=512, verbose=0)
+def extract_features(base: bases.Base, images: np.ndarray, strategy=None) -> np.ndarray:
+    """The frozen base's features (N, D); under multi_worker each worker extracts a shard, all get all."""
+    extractor = bases.feature_extractor(base)
+    return distributed.predict_in_shards(lambda x: extractor.predict(base.prepare(x), batch_size=512, verbose=0),
+                                         images, strategy)  # fmt: skip
 
 
 def fit_head(features: np.ndarray, labels: np.ndarray, config: Config):
+    # scikit-learn's L-BFGS on features every worker holds: under multi_worker each fits the same head.
     return models.logistic_regression_head(features, labels, config.head_c)
 
 
@@ -241,16 +173,17 @@ def transfer_model(base: bases.Base, head, num_classes: int) -> keras.Model:
     return model
 
 
-def curriculum(features: dict, split: Split, num_classes: int, config: Config) -> tuple[object, list[dict], np.ndarray]:
+def curriculum(features: dict, split: semi.Split, num_classes: int, config: Config):
     """Curriculum Labeling in feature space: label the pool, keep each class's most confident
     share, refit the head on labels + pseudo-labels, raise the share. Labels come from the head
     (``confidence``) or spread along a k-NN graph of the features from the labels and the last
     round's pseudo-labels (``propagation``). Returns the last head, the rounds and the pool's
-    last class probabilities."""
+    last class probabilities. Under multi_worker every worker runs these scikit-learn steps on
+    the same features and gets the same result: nothing here is distributed."""
     head, rounds = fit_head(features["labeled"], split.y_labeled, config), []
     kept, pseudo, n = np.empty(0, np.int64), np.empty(0, np.int64), len(split.y_labeled)
     graph = semi.knn_graph(np.concatenate([features["labeled"], features["pool"]]), seed=config.seed) if config.labeler == "propagation" else None  # fmt: skip
-    for fraction in parse_fractions(config.fractions):
+    for fraction in semi.parse_fractions(config.fractions):
         start = time.perf_counter()
         if graph is not None:
             seeds = np.full(graph.shape[0], -1)
@@ -264,64 +197,22 @@ def curriculum(features: dict, split: Split, num_classes: int, config: Config) -
         hidden = None if split.hidden_labels is None else split.hidden_labels[kept]
         head = fit_head(np.concatenate([features["labeled"], features["pool"][kept]]),
                         np.concatenate([split.y_labeled, pseudo]), config)  # fmt: skip
-        rounds.append({"round": f"curriculum {fraction:.0%}", "test_accuracy": head.score(features["test"], split.y_test),
-                       **semi.pseudo_label_stats(pseudo, hidden, num_classes, len(split.x_pool)),
-                       "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
-        report_round(rounds[-1])
+        rounds.append(semi.log_round(f"curriculum {fraction:.0%}", head.score(features["test"], split.y_test),
+                                     semi.pseudo_label_stats(pseudo, hidden, num_classes, len(split.x_pool)), start))  # fmt: skip
     if graph is None:
         probabilities = head.predict_proba(features["pool"])
     return head, rounds, probabilities
 
 
-def report_round(record: dict) -> None:
-    print(f"  {record['round']}: test accuracy {record['test_accuracy']:.3f}, {record['pseudo_labels_kept']} "
-          f"pseudo-labels, precision {record['pseudo_label_precision']:.3f}, {record['seconds']:.0f} s", flush=True)  # fmt: skip
-
-
 # --- The noised student in image space ---------------------------------------------------------
 
 
-def build_student(base: bases.Base, head, num_classes: int, dropout: float, name: str = "student") -> keras.Model:
-    """A copy of the base with its pretrained weights, every layer trainable (BatchNorm learns the
-    target's statistics), then dropout and a classifier that starts as ``head`` (None: fresh)."""
-    copy = bases.fresh_copy(base).model
-    copy.trainable = True
-    inputs = keras.Input(base.input_shape)
-    x = copy(inputs)
-    if len(x.shape) == 4:
-        x = layers.GlobalAveragePooling2D(name="head_pool")(x)
-    x = layers.Dropout(dropout, name="head_dropout")(layers.Flatten(name="head_flatten")(x))
-    model = keras.Model(inputs, layers.Dense(num_classes, name="classifier")(x), name=name)
-    if head is not None:
-        model.get_layer("classifier").set_weights(models.linear_head_weights(head, num_classes))
-    return model
-
-
-def train_student(model: keras.Model, base: bases.Base, x: np.ndarray, y: np.ndarray, config: Config,
-                  seed: int) -> dict:  # fmt: skip
-    """Adam with a cosine decay over ``--student-epochs`` of (x, y) seen through ``--student-view``
-    (images in [0, 1] at the base's input shape; the base's preprocessing runs after the view)."""
-    view = semi.make_view(config.student_view, seed)
-
-    def augment(images, labels):
-        return base.preprocess(view(images, training=True)), labels
-
-    pipeline = (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).batch(config.batch_size)
-                .map(augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))  # fmt: skip
-    steps = config.student_epochs * int(pipeline.cardinality())
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, steps)
-    models.compile_classifier(model, schedule)
-    return model.fit(pipeline, epochs=config.student_epochs, verbose=2).history
-
-
-def predict_probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    return tf.nn.softmax(tf.cast(model.predict(x, batch_size=1024, verbose=0), tf.float32)).numpy()
-
-
-def noisy_students(base: bases.Base, head, probabilities: np.ndarray, split: Split, num_classes: int,
-                   config: Config):  # fmt: skip
+def noisy_students(base: bases.Base, head, probabilities: np.ndarray, split: semi.Split, num_classes: int,
+                   config: Config, strategy=None, backup=None):  # fmt: skip
     """Students in turn, each from the base and the curriculum head, trained on the labels
-    (repeated) plus the pool labeled by ``probabilities`` (then by the previous student)."""
+    (repeated) plus the pool labeled by ``probabilities`` (then by the previous student, each
+    worker predicting a shard of the pool under multi_worker)."""
+    strategy = strategy or tf.distribute.get_strategy()
     x_pool, x_labeled = data.to_input_shape(split.x_pool, base.input_shape), data.to_input_shape(split.x_labeled, base.input_shape)  # fmt: skip
     prepared_pool, prepared_test = base.prepare(split.x_pool), base.prepare(split.x_test)
     rounds, history, student = [], {}, None
@@ -330,22 +221,24 @@ def noisy_students(base: bases.Base, head, probabilities: np.ndarray, split: Spl
         pseudo = (semi.balance_classes(probabilities) if config.balance else probabilities).argmax(axis=1)
         x = np.concatenate([np.repeat(x_labeled, config.labeled_repeat, axis=0), x_pool])
         y = np.concatenate([np.repeat(split.y_labeled, config.labeled_repeat), pseudo])
-        student = build_student(base, head, num_classes, config.dropout)
-        for key, values in train_student(student, base, x, y, config, config.seed + number).items():
+        with strategy.scope():
+            student = semi.build_student(base, head, num_classes, config.dropout)
+        logs = semi.train_on_view(student, base, x, y, config.student_view, config.student_epochs, config.batch_size,
+                                  config.learning_rate, config.seed + number, strategy,
+                                  backup.phase(f"student-{number}") if backup else None)  # fmt: skip
+        for key, values in logs.items():
             history.setdefault(key, []).extend(values)
-        probabilities = predict_probabilities(student, prepared_pool)
-        accuracy = evaluation.accuracy(split.y_test, predict_probabilities(student, prepared_test).argmax(axis=1))
-        rounds.append({"round": f"student {number}", "test_accuracy": accuracy,
-                       **semi.pseudo_label_stats(pseudo, split.hidden_labels, num_classes, len(pseudo)),
-                       "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
-        report_round(rounds[-1])
+        probabilities = semi.predict_probabilities(student, prepared_pool, strategy)
+        accuracy = evaluation.accuracy(split.y_test, semi.predict_probabilities(student, prepared_test).argmax(axis=1))
+        rounds.append(semi.log_round(f"student {number}", accuracy,
+                                     semi.pseudo_label_stats(pseudo, split.hidden_labels, num_classes, len(pseudo)), start))  # fmt: skip
     return student, rounds, history
 
 
 # --- FixMatch-style consistency, online -------------------------------------------------------
 
 
-def consistency(model: keras.Model, split: Split, base: bases.Base | None, num_classes: int, config: Config,
+def consistency(model: keras.Model, split: semi.Split, base: bases.Base | None, num_classes: int, config: Config,
                 teacher_steps: int = 0) -> tuple[keras.Model, list[dict], keras.Model | None]:  # fmt: skip
     """``teacher_steps`` labels-only steps (--base none), then --steps FixMatch steps in four
     reporting chunks. Returns the EMA student, the chunks, and (with ``teacher_steps``) a
@@ -353,18 +246,11 @@ def consistency(model: keras.Model, split: Split, base: bases.Base | None, num_c
     preprocess = base.preprocess if base else (lambda images: images)
     shape = base.input_shape if base else split.x_labeled.shape[1:]
     x_labeled, x_pool, x_test = (data.to_input_shape(x, shape) for x in (split.x_labeled, split.x_pool, split.x_test))
-    weak_view, strong_view = semi.make_view("weak", config.seed), semi.make_view("erasing", config.seed + 10)
-
-    def weak(x, training=True):
-        return preprocess(weak_view(x, training=training))
-
-    def strong(x, training=True):
-        return preprocess(strong_view(x, training=training))
+    weak = semi.view_then("weak", config.seed, preprocess)
+    strong = semi.view_then("erasing", config.seed + 10, preprocess)
 
     def new_trainer(network, steps):
-        ema = keras.models.clone_model(network)
-        ema.set_weights(network.get_weights())
-        return semi.EMATrainer(network, ema, steps, config.learning_rate, config.ema, weak, strong,
+        return semi.EMATrainer(network, semi.copy_model(network), steps, config.learning_rate, config.ema, weak, strong,
                                config.threshold, len(split.x_pool), config.flexmatch)  # fmt: skip
 
     rng, baseline = np.random.default_rng(config.seed + 10), None
@@ -375,13 +261,11 @@ def consistency(model: keras.Model, split: Split, base: bases.Base | None, num_c
         for idx in itertools.islice(labeled, teacher_steps):
             teacher.labels_step(x_labeled[idx], split.y_labeled[idx])
         model = teacher.ema_model
-        twin = keras.models.clone_model(model)
-        twin.set_weights(model.get_weights())
-        baseline = new_trainer(twin, config.steps)
+        baseline = new_trainer(semi.copy_model(model), config.steps)
     trainer = new_trainer(model, config.steps)
     pool = semi.index_batches(len(split.x_pool), batch * config.unlabeled_ratio, rng)
-    chunks, rounds = np.array_split(np.arange(config.steps), min(4, config.steps)), []
-    for chunk in chunks:
+    rounds = []
+    for chunk in np.array_split(np.arange(config.steps), min(4, config.steps)):
         start, pseudo, hidden = time.perf_counter(), [], []
         for _ in chunk:
             idx, uidx = next(labeled), next(pool)
@@ -391,24 +275,25 @@ def consistency(model: keras.Model, split: Split, base: bases.Base | None, num_c
             keep = mask.numpy() > 0  # bookkeeping only: hidden labels are read after the step
             pseudo.append(labels.numpy()[keep])
             hidden.append(None if split.hidden_labels is None else split.hidden_labels[uidx][keep])
-        predicted = predict_probabilities(trainer.ema_model, preprocess(x_test)).argmax(axis=1)
+        accuracy = evaluation.accuracy(split.y_test, semi.predict_probabilities(trainer.ema_model, preprocess(x_test)).argmax(axis=1))  # fmt: skip
         hidden = None if split.hidden_labels is None else np.concatenate(hidden)
-        seen = len(chunk) * batch * config.unlabeled_ratio
-        rounds.append({"round": f"steps {chunk[-1] + 1}", "test_accuracy": evaluation.accuracy(split.y_test, predicted),
-                       **semi.pseudo_label_stats(np.concatenate(pseudo), hidden, num_classes, seen),
-                       "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
-        report_round(rounds[-1])
+        stats = semi.pseudo_label_stats(np.concatenate(pseudo), hidden, num_classes, len(chunk) * batch * config.unlabeled_ratio)  # fmt: skip
+        rounds.append(semi.log_round(f"steps {chunk[-1] + 1}", accuracy, stats, start))
     return trainer.ema_model, rounds, baseline.ema_model if baseline else None
 
 
 # --- Baseline from scratch, the whole recipe -----------------------------------------------
 
 
-def train_scratch(base: bases.Base, split: Split, num_classes: int, config: Config) -> tuple[keras.Model, dict]:
+def train_scratch(base: bases.Base, split: semi.Split, num_classes: int, config: Config, strategy=None,
+                  backup_dir=None) -> tuple[keras.Model, dict]:  # fmt: skip
     """The reference: the base's architecture, fresh weights, trained end to end on the labels alone."""
-    model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), 1e-3)
-    train = data.make_pipeline(base.prepare(split.x_labeled), split.y_labeled, 32, shuffle=True, seed=config.seed)
-    return model, model.fit(train, epochs=config.scratch_epochs, verbose=0).history
+    strategy = strategy or tf.distribute.get_strategy()
+    with strategy.scope():
+        model = models.compile_classifier(bases.scratch_twin(base, num_classes, config.dropout), 1e-3)
+    history, _ = models.fit_timed(model, base.prepare(split.x_labeled), split.y_labeled, config.scratch_epochs, 32,
+                                  config.seed, strategy=strategy, backup_dir=backup_dir)  # fmt: skip
+    return model, history
 
 
 def run(config: Config) -> dict:
@@ -416,13 +301,16 @@ def run(config: Config) -> dict:
     config = config.resolved()
     start = time.perf_counter()
     set_seed(config.seed)
+    strategy = make_strategy(config.strategy)
     source, target = load_tasks(config)
     check_config(config, target)
     split = split_target(target, config)
+    # Under multi_worker every worker loads (or pretrains) the same frozen base, outside the strategy.
     base = None if config.base == "none" else load_pretrained_base(config, source, target)
+    backup = distributed.Backup(config.backup_dir)  # --backup-dir: each phase resumes from its last epoch
     run_dir = evaluation.make_run_dir("self_training", config.out)
     print(f"target task: {target}\n{split}, method {config.method}\nrun folder: {run_dir}", flush=True)
-    n, histories, seconds = target.num_classes, {}, {}
+    n, histories, seconds, phase = target.num_classes, {}, {}, time.perf_counter()
 
     def report(model, x_test, **extra):
         return dict(evaluation.classification_report(model, x_test, split.y_test, n), **extra)
@@ -432,37 +320,31 @@ def run(config: Config) -> dict:
         for layer in network.get_layer("base").layers:
             if isinstance(layer, layers.BatchNormalization):
                 layer.momentum = 0.9  # Keras' 0.99 lags behind on short runs
-        phase = time.perf_counter()
         student, rounds, labels_only = consistency(network, split, None, n, config, config.teacher_steps)
-        seconds["self_training"] = round(time.perf_counter() - phase, 1)
         baseline, x_test = "scratch", split.x_test
         variants = {"scratch": report(labels_only, x_test, steps=config.teacher_steps + config.steps)}
     else:
         print(f"base: {base}", flush=True)
-        phase = time.perf_counter()
-        scratch, histories["scratch"] = train_scratch(base, split, n, config)
-        seconds["scratch"] = round(time.perf_counter() - phase, 1)
-        phase = time.perf_counter()
+        scratch, histories["scratch"] = train_scratch(base, split, n, config, strategy, backup.phase("scratch"))
+        seconds["scratch"], phase = round(time.perf_counter() - phase, 1), time.perf_counter()
         x_test = base.prepare(split.x_test)
-        features = {"labeled": extract_features(base, split.x_labeled), "pool": extract_features(base, split.x_pool),
-                    "test": extract_features(base, split.x_test)}  # fmt: skip
+        features = {"labeled": extract_features(base, split.x_labeled), "test": extract_features(base, split.x_test),
+                    "pool": extract_features(base, split.x_pool, strategy)}  # fmt: skip
         head = fit_head(features["labeled"], split.y_labeled, config)
-        seconds["transfer"] = round(time.perf_counter() - phase, 1)
+        seconds["transfer"], phase = round(time.perf_counter() - phase, 1), time.perf_counter()
         baseline = "transfer"
         variants = {"scratch": report(scratch, x_test), "transfer": report(transfer_model(base, head, n), x_test)}
-        print(
-            f"  scratch {variants['scratch']['test_accuracy']:.3f}, transfer {variants['transfer']['test_accuracy']:.3f}"
-        )
-        phase = time.perf_counter()
+        print(f"  scratch {variants['scratch']['test_accuracy']:.3f}, transfer {variants['transfer']['test_accuracy']:.3f}")  # fmt: skip
         if config.method == "consistency":
-            student, rounds, _ = consistency(build_student(base, head, n, config.dropout), split, base, n, config)
+            student, rounds, _ = consistency(semi.build_student(base, head, n, config.dropout), split, base, n, config)
         else:
             head, rounds, probabilities = curriculum(features, split, n, config)
             student = transfer_model(base, head, n)
             if config.method == "noisy_student":
-                student, more, histories["self_training"] = noisy_students(base, head, probabilities, split, n, config)
+                student, more, histories["self_training"] = noisy_students(base, head, probabilities, split, n, config,
+                                                                           strategy, backup)  # fmt: skip
                 rounds += more
-        seconds["self_training"] = round(time.perf_counter() - phase, 1)
+    seconds["self_training"] = round(time.perf_counter() - phase, 1)
     variants["self_training"] = report(student, x_test, rounds=rounds)
     for name, value in seconds.items():
         variants[name]["train_seconds"] = value
@@ -482,6 +364,7 @@ def run(config: Config) -> dict:
             variants["self_training"]["confusion_matrix"], target.class_names, "self-training: confusion matrix"),
     }  # fmt: skip
     evaluation.write_run(run_dir, config, record, histories, figures, model=student)
+    backup.finish()
 
     print(f"\n{config.labels_per_class} labels per class, {len(split.x_pool)} unlabeled, {n} classes:")
     print(evaluation.comparison_table(record))

@@ -105,7 +105,7 @@ def test_each_pseudo_labelling_method_finds_the_two_clusters():
 
     # The recipe's curriculum on these "features": its last head labels the whole pool right.
     images = np.zeros((len(x), 1, 1, 1), np.float32)
-    split = st.Split(images[labeled], y[labeled], images[pool], y[pool], images[:10], y[:10], labeled, pool)
+    split = semi.Split(images[labeled], y[labeled], images[pool], y[pool], images[:10], y[:10], labeled, pool)
     features = {"labeled": x[labeled], "pool": x[pool], "test": x[:10]}
     for labeler in st.LABELERS:
         head, rounds, probabilities = st.curriculum(
@@ -196,15 +196,15 @@ def test_student_starts_from_the_base_weights_and_the_transfer_head():
     base = st.load_pretrained_base(config, source, target)
     features = st.extract_features(base, split.x_labeled)
     head = st.fit_head(features, split.y_labeled, config)
-    student = st.build_student(base, head, target.num_classes, config.dropout)
+    student = semi.build_student(base, head, target.num_classes, config.dropout)
     encoder = next(layer for layer in student.layers if isinstance(layer, keras.Model))
     for copied, original in zip(encoder.get_weights(), base.model.get_weights()):
         np.testing.assert_array_equal(copied, original)
     assert encoder.trainable and all(w.trainable for w in encoder.weights if "moving" not in w.path)
     x = base.prepare(split.x_test[:64])
     expected = head.predict_proba(st.extract_features(base, split.x_test[:64]))
-    np.testing.assert_allclose(st.predict_probabilities(student, x), expected, atol=1e-4)
-    np.testing.assert_allclose(st.predict_probabilities(st.transfer_model(base, head, 5), x), expected, atol=1e-4)
+    np.testing.assert_allclose(semi.predict_probabilities(student, x), expected, atol=1e-4)
+    np.testing.assert_allclose(semi.predict_probabilities(st.transfer_model(base, head, 5), x), expected, atol=1e-4)
     encoder.get_layer(encoder.layers[1].name).kernel.assign(np.zeros(encoder.layers[1].kernel.shape))
     assert np.abs(base.model.layers[1].kernel.numpy()).sum() > 0  # the student trains a copy, not the base
 
@@ -258,7 +258,8 @@ def bad_inputs(tmp_path):
         (["--base", "none"], "only --method consistency applies"),
         (["--base", "no/such/model.keras"], "no such .keras file"),
         (["--source-classes", "0-5"], "two class lists"),
-        (["--strategy", "mirrored"], "strategy 'mirrored' is not supported"),
+        (["--strategy", "mirrored", "--method", "consistency"], "--method consistency trains on one device"),
+        (["--backup-dir", "{tmp}/backup", "--method", "consistency"], "keeps no checkpoints for --backup-dir"),
         (["--pool", "my_images"], "give folder:<path>"),
         (["--pool", "folder:no/such/folder"], "does not exist"),
         (["--pool", "folder:{tmp}/pool"], r"contains 2 of the labeled images"),

@@ -61,11 +61,12 @@ def main() -> None:
     _, seconds = timed(st.fit_head, x, y, config)
     print(f"\none curriculum round (head refit on {len(x)} feature vectors): {seconds:.1f} s")
 
-    student = st.build_student(base, head, target.num_classes, config.dropout)
+    student = semi.build_student(base, head, target.num_classes, config.dropout)
     pseudo = semi.balance_classes(head.predict_proba(pool)).argmax(axis=1)
     images = np.concatenate([np.repeat(split.x_labeled, config.labeled_repeat, axis=0), split.x_pool])
     targets = np.concatenate([np.repeat(split.y_labeled, config.labeled_repeat), pseudo])
-    _, seconds = timed(st.train_student, student, base, images, targets, config, config.seed)
+    _, seconds = timed(semi.train_on_view, student, base, images, targets, config.student_view, config.student_epochs,
+                       config.batch_size, config.learning_rate, config.seed)  # fmt: skip
     seen = config.student_epochs * len(images)
     print(f"one student round ({config.student_epochs} epochs of {len(images)} images, view {config.student_view}): "
           f"{seconds:.1f} s, {seen / seconds:,.0f} images/s")  # fmt: skip

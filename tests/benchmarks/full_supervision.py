@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from common import evaluation
+from common import evaluation, semi
 from common.cli import parse_config, set_seed
 from recipes import self_training as st
 
@@ -41,9 +41,10 @@ def ceiling(config: st.Config, views: list[str]) -> dict[str, float]:
     results = {"features": head.score(st.extract_features(base, split.x_test), split.y_test)}
     x_test = base.prepare(split.x_test)
     for view in views:
-        student = st.build_student(base, head, target.num_classes, config.dropout)
-        st.train_student(student, base, x, y, replace(config, student_view=view), config.seed + 1)
-        predicted = st.predict_probabilities(student, x_test).argmax(axis=1)
+        student = semi.build_student(base, head, target.num_classes, config.dropout)
+        semi.train_on_view(student, base, x, y, view, config.student_epochs, config.batch_size, config.learning_rate,
+                           config.seed + 1)  # fmt: skip
+        predicted = semi.predict_probabilities(student, x_test).argmax(axis=1)
         results[f"student, {view}"] = evaluation.accuracy(split.y_test, predicted)
     return results
 
