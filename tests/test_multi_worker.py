@@ -27,6 +27,7 @@ from recipes import (
     self_training,
     weight_transfer,
 )
+from tests.conftest import assert_cli_error
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = [sys.executable, "-m"]
@@ -40,7 +41,7 @@ TOLERANCE = 0.01  # two workers vs one process, same seed and global batch: meas
 PATHS = {
     weight_transfer: "distributed step",
     feature_extraction: "distributed step",  # the frozen base is pretrained (or loaded) by each worker
-    fine_tune: "refused",
+    fine_tune: "distributed step",  # both phases and the baseline, early stopping included; --tune is refused
     maml: "refused",
     self_training: "refused",  # being rewritten on another branch; moves over after the merge
     choose_source: "refused",
@@ -95,6 +96,19 @@ def test_under_multi_worker_feature_extraction_trains_head_and_baseline_without_
     argv = ["--quick", "--epochs", "1", "--test-images", "200", "--out", str(tmp_path)]
     record = feature_extraction.main(argv + (["--augment"] if augment else []))
     assert set(record["variants"]) == {"scratch", "feature_extraction"}
+
+
+def test_under_multi_worker_fine_tune_trains_both_phases_and_baseline_without_fit(monkeypatch, tmp_path):
+    forbid_fit(monkeypatch, allowed=("source_cnn",))  # each worker's own, undistributed base pretraining
+    argv = ["--quick", "--head-epochs", "2", "--epochs", "2", "--schedule", "gradual", "--test-images", "100"]
+    record = fine_tune.main(argv + ["--out", str(tmp_path)])
+    assert set(record["variants"]) == {"scratch", "head_only", "fine_tune"}
+    assert record["variants"]["fine_tune"]["epochs"] == 2
+
+
+def test_fine_tune_refuses_tune_under_multi_worker_and_says_what_is_distributed(capsys):
+    message = "--tune with --strategy multi_worker.*phase 1, phase 2 and the scratch baseline are.*KERASTUNER_ORACLE_IP"
+    assert_cli_error(capsys, fine_tune.main, ["--tune", "--strategy", "multi_worker"], message)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +183,60 @@ def test_a_killed_fit_run_resumes_at_epoch_3_with_the_same_metrics(tmp_path, one
     assert not backup.exists()  # a finished run removes its backup
     assert metrics(killed_out)["source_test_accuracy"] == one_process["source_test_accuracy"]
     assert accuracies(metrics(killed_out)) == accuracies(one_process)
+
+
+# --- Kill-and-resume of the shared distributed step (the custom loop), in its own process ------------
+
+
+def one_worker_env() -> dict:
+    """A cluster of one worker on 127.0.0.1: --strategy multi_worker, so the shared custom step, in one process."""
+    return dict(env(), TF_CONFIG=distributed.local_cluster(1)[0], CUDA_VISIBLE_DEVICES="")
+
+
+def kill_when(process: subprocess.Popen, ready, seconds: float = 150) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` holds (polled every 50 ms); fail if it ended first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def custom_epochs(backup: Path) -> int:
+    """Source epochs the custom loop's backup holds: its history is written right after each epoch's checkpoint."""
+    history = backup / "source" / "history.json"
+    try:
+        return len(json.loads(history.read_text())["loss"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_a_killed_custom_loop_run_resumes_at_epoch_3_with_the_same_metrics(tmp_path):
+    """The shared distributed step (a one-worker multi_worker run) killed after its second source epoch, started
+    again: it restores the CheckpointManager's model, optimizer, epoch and RNG state, and ends exactly as an
+    uninterrupted run of the same command."""
+    command = [*PYTHON, *WEIGHT_TRANSFER, "--strategy", "multi_worker"]
+    whole_out, killed_out, backup = tmp_path / "whole", tmp_path / "killed", tmp_path / "backup"
+    whole = subprocess.Popen(
+        [*command, "--backup-dir", str(tmp_path / "whole-backup"), "--out", str(whole_out)],
+        env=one_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        killed = [*command, "--backup-dir", str(backup), "--out", str(killed_out)]
+        process = subprocess.Popen(killed, env=one_worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        kill_when(process, lambda: custom_epochs(backup) >= 2)
+        assert custom_epochs(backup) == 2 and (backup / "source" / "ckpt").exists()
+        assert not (killed_out / "metrics.json").exists()
+
+        resumed = subprocess.run(killed, env=one_worker_env(), capture_output=True, text=True, timeout=240)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "epoch 3/3" in resumed.stdout and "epoch 1/3" not in resumed.stdout  # resumed at epoch 3
+        assert "Epoch 1/" not in resumed.stdout  # the shared step's log line, not fit's
+        assert not backup.exists()  # a finished run removes its backup
+        output, _ = whole.communicate(timeout=240)
+    finally:
+        whole.kill()
+    assert whole.returncode == 0, output
+    assert metrics(killed_out)["source_test_accuracy"] == metrics(whole_out)["source_test_accuracy"]
+    assert accuracies(metrics(killed_out)) == accuracies(metrics(whole_out))
