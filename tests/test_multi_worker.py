@@ -307,8 +307,8 @@ def test_fine_tune_on_two_workers_finishes_with_the_same_numbers_on_both(jobs):
     logs = job.logs()
     record = metrics(job.run_dir)
     assert set(record["variants"]) == {"scratch", "head_only", "fine_tune"}
-    assert min(accuracies(record).values()) > 0.3  # 5 classes, chance 0.2; measured 0.41-0.79 with these settings
+    assert min(accuracies(record).values()) > 0.3  # 5 classes, chance 0.2; measured 0.42-0.79 with these settings
     worker_dir = logs[1].split("run folder: ")[1].split("\n")[0]
     assert not Path(worker_dir).exists()
-    tables = [log[log.index("phase 1 (head only") : log.index("wrote ")] for log in logs]
-    assert tables[0] == tables[1]
+    results = [[line for line in log.splitlines() if "test accuracy" in line or " pts" in line] for log in logs]
+    assert len(results[0]) == 5 and results[0] == results[1]  # 3 variants' lines, 2 gains: the same on both workers
