@@ -20,7 +20,8 @@ phase; ``keras.callbacks.BackupAndRestore`` backs up a ``fit`` phase, a
 ``tf.train.CheckpointManager`` (model, optimizer and its step counter, epoch = data
 position, Keras random-generator state) the custom loop. A run killed and started again
 with the same command resumes each phase at its last finished epoch and ends with the same
-metrics; a finished run removes its backup.
+metrics; a finished run removes its backup. Early stopping (``train(..., patience=N)``) is
+Keras's ``EarlyStopping`` on both paths, its state backed up too (:func:`early_stopping`).
 
 Only the chief (task ``chief``, else ``worker`` 0) writes the run folder; other workers
 write into a temporary folder that is removed at exit (see ``evaluation.make_run_dir``).
@@ -252,7 +253,7 @@ def train(model, dataset, epochs: int, strategy, validation_data=None, backup_di
     ``backup_dir`` (from :meth:`Backup.phase`): resume from / back up to that folder each
     epoch. A resumed run first replays the finished epochs' passes over ``dataset``
     (:func:`skip_passes`), so it sees the same batches as an uninterrupted one. A phase
-    that had finished is restored from ``finished.weights.h5`` without training, its passes
+    that had finished is restored from ``finished-<epochs>.weights.h5`` without training, its passes
     replayed too (a pipeline shared with the next phase then serves that phase the same batches);
     ``epochs`` must be the same as when it ran.
     ``callbacks``: Keras callbacks; under the custom step only their epoch-level hooks run.
