@@ -20,7 +20,8 @@ phase; ``keras.callbacks.BackupAndRestore`` backs up a ``fit`` phase, a
 ``tf.train.CheckpointManager`` (model, optimizer and its step counter, epoch = data
 position, Keras random-generator state) the custom loop. A run killed and started again
 with the same command resumes each phase at its last finished epoch and ends with the same
-metrics; a finished run removes its backup.
+metrics; a finished run removes its backup. Early stopping (``train(..., patience=N)``) is
+Keras's ``EarlyStopping`` on both paths, its state backed up too (:func:`early_stopping`).
 
 Only the chief (task ``chief``, else ``worker`` 0) writes the run folder; other workers
 write into a temporary folder that is removed at exit (see ``evaluation.make_run_dir``).
@@ -237,7 +238,7 @@ def uses_fit(strategy) -> bool:
 
 
 def train(model, dataset, epochs: int, strategy, validation_data=None, backup_dir: Path | None = None,
-          callbacks: list | None = None, verbose="auto") -> dict:  # fmt: skip
+          callbacks: list | None = None, verbose="auto", patience: int | None = None) -> dict:  # fmt: skip
     """Train a compiled Keras ``model`` for ``epochs`` passes over ``dataset``; return the history dict.
 
     ``dataset``: a finite ``tf.data.Dataset`` of ``(x, y)`` batches of the *global* batch
@@ -251,20 +252,34 @@ def train(model, dataset, epochs: int, strategy, validation_data=None, backup_di
     :func:`distributed_fit` runs the shared custom step (``fit`` fails there, keras#20585).
     ``backup_dir`` (from :meth:`Backup.phase`): resume from / back up to that folder each
     epoch. A resumed run first replays the finished epochs' passes over ``dataset``
-    (:func:`skip_passes`), so it sees the same batches as an uninterrupted one.
+    (:func:`skip_passes`), so it sees the same batches as an uninterrupted one. A phase
+    that had finished is restored from ``finished-<epochs>.weights.h5`` without training, its passes
+    replayed too (a pipeline shared with the next phase then serves that phase the same batches);
+    ``epochs`` must be the same as when it ran.
+    ``callbacks``: Keras callbacks; under the custom step only their epoch-level hooks run.
+    ``patience``: early stopping on ``val_loss`` with the best epoch's weights restored at
+    the end, ``keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+    restore_best_weights=True)`` on both paths (needs ``validation_data``); with
+    ``backup_dir`` it is resumable (:func:`early_stopping`).
     """
     if not uses_fit(strategy):
-        return distributed_fit(model, dataset, epochs, strategy, validation_data, backup_dir, verbose=verbose)
+        return distributed_fit(model, dataset, epochs, strategy, validation_data, backup_dir, verbose=verbose,
+                               callbacks=callbacks, patience=patience)  # fmt: skip
     import keras
 
     from common.evaluation import EpochTimer
 
     callbacks = [EpochTimer(), *(callbacks or [])]
     if backup_dir is None:
+        if patience is not None:
+            callbacks.append(early_stopping(patience))
         return model.fit(
             dataset, epochs=epochs, validation_data=validation_data, callbacks=callbacks, verbose=verbose
         ).history
     backup_dir.mkdir(parents=True, exist_ok=True)
+    finished = _restore_finished(model, dataset, backup_dir, epochs)
+    if finished is not None:
+        return finished
     start = _finished_epochs(backup_dir)
     history = {key: values[:start] for key, values in _load_history(backup_dir).items()}
     if start >= epochs:  # the phase finished before the run was stopped: restore its end state
@@ -272,17 +287,98 @@ def train(model, dataset, epochs: int, strategy, validation_data=None, backup_di
         model.load_weights(backup_dir / "latest.weights.h5")
         return history
     # Keras's epoch iterator opens a pass at each epoch's end and another at the next
-    # epoch's start (keras/src/trainers/epoch_iterator.py): two draws of the order per epoch.
+    # epoch's start (keras/src/trainers/epoch_iterator.py): two draws of the order per epoch
+    # (also in an epoch that early stopping ends).
     skip_passes(dataset, 2 * start, consume=False)
+    stopper = early_stopping(patience, backup_dir, history) if patience is not None else None
+
+    def record(epoch, logs):
+        _append(history, logs)
+        if not model.stop_training:  # a stopping epoch is recorded by the finished phase instead
+            _save_history(backup_dir, history)
+
+    class Backup(keras.callbacks.BackupAndRestore):
+        def on_epoch_end(self, epoch, logs=None):
+            if not self.model.stop_training:
+                super().on_epoch_end(epoch, logs)
+
     callbacks += [
+        *([stopper] if stopper else []),
         # History first: if the process dies between the two writes, the weights' epoch count wins.
-        keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: (_append(history, logs), _save_history(backup_dir, history))
-        ),
-        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
+        keras.callbacks.LambdaCallback(on_epoch_end=record),
+        Backup(str(backup_dir), delete_checkpoint=False),
+        *([keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: stopper.prune())] if stopper else []),
     ]
-    model.fit(dataset, epochs=epochs, validation_data=validation_data, callbacks=callbacks, verbose=verbose)
+    try:
+        model.fit(dataset, epochs=epochs, validation_data=validation_data, callbacks=callbacks, verbose=verbose)
+    finally:
+        model._initial_epoch = None  # set by a restoring BackupAndRestore, it would also start the model's next fit
+    _save_finished(model, backup_dir, history, epochs)
     return history
+
+
+FINISHED = "finished-{epochs}.weights.h5"  # a phase asked for that many epochs (early stopping may end it sooner)
+
+
+def _restore_finished(model, dataset, backup_dir: Path | None, epochs: int) -> dict | None:
+    """A finished phase's history, its end weights loaded into ``model`` and its passes over ``dataset`` replayed;
+    ``None`` if the phase has not finished."""
+    if backup_dir is None or not (backup_dir / FINISHED.format(epochs=epochs)).exists():
+        return None
+    _build_optimizer(model)
+    model.load_weights(backup_dir / FINISHED.format(epochs=epochs))
+    history = _load_history(backup_dir)
+    skip_passes(dataset, 2 * len(history.get("loss", [])), consume=False)  # two draws per epoch on both paths
+    return history
+
+
+def _save_finished(model, backup_dir: Path, history: dict, epochs: int) -> None:
+    """Mark a phase finished: its history, then its end weights (written last, atomically: the marker)."""
+    _save_history(backup_dir, history)
+    tmp = backup_dir / "finished.tmp.weights.h5"
+    model.save_weights(tmp)
+    os.replace(tmp, backup_dir / FINISHED.format(epochs=epochs))
+
+
+def early_stopping(patience: int, backup_dir: Path | None = None, history: dict | None = None):
+    """``keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)``, resumable.
+
+    Without ``backup_dir`` it is Keras's callback unchanged. With it, the best epoch's
+    weights are also written to ``backup_dir/best-<epoch>.npz`` (``prune()`` removes older
+    ones once the epoch's checkpoint is saved), and ``history`` (the finished epochs of a
+    resumed phase) is replayed at ``on_train_begin`` with Keras's rule (``val_loss`` lower
+    than the best so far; ``min_delta`` 0) to restore the best value, the wait count and
+    the best weights: a resumed phase stops at the epoch an uninterrupted one would, with
+    the same weights restored.
+    """
+    import keras
+    import numpy as np
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            losses = (history or {}).get("val_loss", [])
+            for epoch, value in enumerate(losses):
+                self.wait += 1
+                if self.best is None or value < self.best:
+                    self.best, self.best_epoch, self.wait = value, epoch, 0
+            if losses:
+                with np.load(backup_dir / f"best-{self.best_epoch}.npz") as saved:
+                    self.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            if backup_dir is not None and self.best_epoch == epoch and self.best_weights is not None:
+                tmp = backup_dir / f"best-{epoch}.tmp.npz"
+                np.savez(tmp, *self.best_weights)
+                os.replace(tmp, backup_dir / f"best-{epoch}.npz")
+
+        def prune(self):
+            for path in backup_dir.glob("best-*.npz"):
+                if path.name != f"best-{self.best_epoch}.npz":
+                    path.unlink(missing_ok=True)
+
+    return ResumableEarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
 
 
 def _finished_epochs(backup_dir: Path) -> int:
@@ -326,7 +422,7 @@ def _per_example_loss(model):
 
 
 def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None, backup_dir: Path | None = None,
-                    verbose="auto") -> dict:  # fmt: skip
+                    verbose="auto", callbacks: list | None = None, patience: int | None = None) -> dict:  # fmt: skip
     """The shared distributed custom loop: ``strategy.run`` of one step per global batch.
 
     Works under any ``tf.distribute`` strategy (``default`` included, which the unit tests
@@ -339,11 +435,21 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
     ``backup_dir``: a ``tf.train.CheckpointManager`` there holds the model, the optimizer
     (with its step counter), the epoch (the data position: a resumed run replays the
     finished passes, :func:`skip_passes`) and the random-generator states of the model's
-    layers (``keras.random.SeedGenerator``, e.g. of dropout).
+    layers (``keras.random.SeedGenerator``, e.g. of dropout); a finished phase is restored
+    without training (as in :func:`train`).
+    ``callbacks``: Keras callbacks of which the epoch-level hooks run (``on_train_begin``,
+    ``on_epoch_begin``, ``on_epoch_end`` with the epoch's logs, ``on_train_end``; no batch
+    hooks); one that sets ``model.stop_training`` ends the phase after that epoch.
+    ``patience``: early stopping as in :func:`train` (every worker sees the same reduced
+    ``val_loss``, so all stop at the same epoch).
     Follows TensorFlow's tutorial "Custom training loop with MultiWorkerMirroredStrategy".
     """
     import keras
     import tensorflow as tf
+
+    finished = _restore_finished(model, dataset, backup_dir, epochs)
+    if finished is not None:
+        return finished
 
     per_example, loss_object = _per_example_loss(model)
     sparse = isinstance(loss_object, keras.losses.SparseCategoricalCrossentropy)
@@ -363,6 +469,7 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
             history = _load_history(backup_dir)
     start = int(epoch_var.numpy())
+    history = {key: values[:start] for key, values in history.items()}  # the checkpoint's epochs win
 
     def step_sums(x, y, training: bool):
         logits = model(x, training=training)
@@ -410,7 +517,12 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
     skip_passes(batches, 2 * start, consume=False)
     validation = strategy.experimental_distribute_dataset(validation_data) if validation_data is not None else None
     show = verbose not in (0, False) and is_chief()
+    stopper = early_stopping(patience, backup_dir, history) if patience is not None else None
+    hooks = keras.callbacks.CallbackList([*(callbacks or []), *([stopper] if stopper else [])], model=model)
+    model.stop_training = False
+    hooks.on_train_begin()
     for epoch in range(start, epochs):
+        hooks.on_epoch_begin(epoch)
         began = time.perf_counter()
         sums, steps = tf.zeros(3), 0
         for batch in batches:  # a new pass: a shuffling pipeline reshuffles, as under fit
@@ -424,14 +536,22 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
                 val_sums += eval_step(batch)
             logs |= logs_of(val_sums, "val_")
         logs["epoch_seconds"] = time.perf_counter() - began
+        hooks.on_epoch_end(epoch, logs)
         _append(history, logs)
         if show:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "epoch_seconds")
             print(f"epoch {epoch + 1}/{epochs}  {steps} steps  {logs['epoch_seconds']:.1f} s  {shown}", flush=True)
+        if model.stop_training:  # recorded by the finished phase below, not as a checkpoint to resume from
+            break
         if manager is not None:
             epoch_var.assign(epoch + 1)
             manager.save(checkpoint_number=epoch + 1)
             _save_history(backup_dir, history)
+            if stopper is not None:
+                stopper.prune()
+    hooks.on_train_end()
+    if backup_dir is not None:
+        _save_finished(model, backup_dir, history, epochs)
     return history
 
 

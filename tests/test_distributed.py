@@ -126,3 +126,72 @@ def test_a_stopped_phase_resumes_where_it_stopped(tmp_path, path):
     assert max_difference(again, whole_model) == 0.0
     backup.finish()
     assert not (tmp_path / "backup").exists()
+
+
+# --- Early stopping on both paths, and phases that resume across a kill ---------------------
+
+X_VAL = np.random.RandomState(2).rand(60, 20, 20, 1).astype("float32")
+Y_VAL = np.random.RandomState(3).randint(0, 3, 60)  # unrelated labels: the validation loss soon rises
+
+
+def validation() -> tf.data.Dataset:
+    return tf.data.Dataset.from_tensor_slices((X_VAL, Y_VAL)).batch(32)
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(keras.callbacks.Callback):
+    """Stand-in for SIGKILL in-process: raise at the start of epoch ``epoch`` (0-based), after the last backup."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Killed
+
+
+@pytest.mark.parametrize("path", ["fit", "custom"])
+def test_early_stopping_restores_the_best_epoch_on_both_paths(monkeypatch, path):
+    monkeypatch.setattr(distributed, "uses_fit", lambda strategy: path == "fit")
+    set_seed(0)
+    model = small_model()
+    history = distributed.train(model, shuffled(), 20, tf.distribute.get_strategy(), validation(), verbose=0,
+                                patience=2)  # fmt: skip
+    best = int(np.argmin(history["val_loss"]))
+    assert len(history["val_loss"]) == best + 3 < 20  # stopped 2 epochs after the best one
+    val_loss = model.evaluate(validation(), verbose=0)[0]
+    assert val_loss == pytest.approx(history["val_loss"][best], rel=1e-5)  # the best epoch's weights restored
+
+
+def two_phases(tmp_path, name: str, kill: tuple[str, int] | None = None):
+    """A fine_tune-like run: phase one (early stopping) then phase two on the same model and pipeline."""
+    strategy = tf.distribute.get_strategy()
+    backup = distributed.Backup(str(tmp_path / name))
+    model, data = small_model(), shuffled()
+    hooks = {phase: [KillAt(kill[1])] if kill and kill[0] == phase else [] for phase in ("one", "two")}
+    one = distributed.train(model, data, 20, strategy, validation(), backup.phase("one"), hooks["one"], verbose=0,
+                            patience=2)  # fmt: skip
+    two = distributed.train(model, data, 3, strategy, validation(), backup.phase("two"), hooks["two"], verbose=0)
+    backup.finish()
+    return model, one, two
+
+
+@pytest.mark.parametrize("path", ["fit", "custom"])
+def test_a_run_killed_in_either_phase_resumes_to_the_same_weights(monkeypatch, tmp_path, path):
+    """Killed mid-phase (early-stopping state and best weights resumed), then again after the first phase finished
+    (restored, its passes over the shared pipeline replayed): the same weights and histories as an uninterrupted run."""
+    monkeypatch.setattr(distributed, "uses_fit", lambda strategy: path == "fit")
+    whole, one, two = two_phases(tmp_path, "whole")
+    assert len(one["loss"]) > 3  # phase one outlived the kill point
+    for kill in [("one", 2), ("two", 1)]:
+        with pytest.raises(Killed):
+            two_phases(tmp_path, "killed", kill)
+    assert (tmp_path / "killed").exists()
+    resumed, resumed_one, resumed_two = two_phases(tmp_path, "killed")
+    assert max_difference(resumed, whole) == 0.0
+    assert resumed_one["val_loss"] == one["val_loss"] and resumed_two["loss"] == two["loss"]
+    assert not (tmp_path / "killed").exists()

@@ -27,6 +27,7 @@ from recipes import (
     self_training,
     weight_transfer,
 )
+from tests.conftest import assert_cli_error
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = [sys.executable, "-m"]
@@ -40,7 +41,7 @@ TOLERANCE = 0.01  # two workers vs one process, same seed and global batch: meas
 PATHS = {
     weight_transfer: "distributed step",
     feature_extraction: "distributed step",  # the frozen base is pretrained (or loaded) by each worker
-    fine_tune: "refused",
+    fine_tune: "distributed step",  # both phases and the baseline, early stopping included; --tune is refused
     maml: "distributed step",  # the meta-batch split across workers (the baselines train on each worker alone)
     self_training: "distributed step",  # scratch and students; the scikit-learn steps run on every worker alike
     choose_source: "refused",
@@ -97,32 +98,115 @@ def test_under_multi_worker_feature_extraction_trains_head_and_baseline_without_
     assert set(record["variants"]) == {"scratch", "feature_extraction"}
 
 
+def test_under_multi_worker_fine_tune_trains_both_phases_and_baseline_without_fit(monkeypatch, tmp_path):
+    forbid_fit(monkeypatch, allowed=("source_cnn",))  # each worker's own, undistributed base pretraining
+    argv = ["--quick", "--head-epochs", "2", "--epochs", "2", "--schedule", "gradual", "--test-images", "100"]
+    record = fine_tune.main(argv + ["--out", str(tmp_path)])
+    assert set(record["variants"]) == {"scratch", "head_only", "fine_tune"}
+    assert record["variants"]["fine_tune"]["epochs"] == 2
+
+
+def test_fine_tune_refuses_tune_under_multi_worker_and_says_what_is_distributed(capsys):
+    message = "--tune with --strategy multi_worker.*phase 1, phase 2 and the scratch baseline are.*KERASTUNER_ORACLE_IP"
+    assert_cli_error(capsys, fine_tune.main, ["--tune", "--strategy", "multi_worker"], message)
+
+
+# --- Runs started in the background when the module starts ----------------------------------
+#
+# The uninterrupted reference runs and the two-worker runs do not depend on each other: they
+# start together (only those the selected tests use) and run while the in-process tests and the
+# kill-and-resume tests do; a test waits for the run it reads. Each process is bounded by TIMEOUT.
+
+TIMEOUT = 600  # seconds per process: two CPU cores shared with other jobs can be very busy
+
+
+class Job:
+    """A command started now as one process (or ``workers`` local workers); ``logs()`` waits for it, bounded."""
+
+    def __init__(self, command: list[str], out: Path, workers: int = 0, extra_env: dict | None = None):
+        self.out, self.run_dir = out, out / "run"
+        command = [*command, "--out", str(self.run_dir)]
+        if workers:
+            self.processes = distributed.launch_local(command, workers, log_dir=str(out), env=env() | (extra_env or {}))
+            self.log_paths = [out / f"worker-{i}.log" for i in range(workers)]
+        else:
+            self.log_paths = [out / "process.log"]
+            with open(self.log_paths[0], "w") as log:
+                self.processes = [
+                    subprocess.Popen(command, env=env() | (extra_env or {}), stdout=log, stderr=subprocess.STDOUT)
+                ]
+        self._logs: list[str] | None = None
+
+    def logs(self) -> list[str]:
+        """Each process's output, once all exited with status 0."""
+        if self._logs is None:
+            try:
+                codes = [process.wait(timeout=TIMEOUT) for process in self.processes]
+            finally:
+                self.kill()
+            self._logs = [path.read_text() for path in self.log_paths]
+            assert codes == [0] * len(codes), self._logs
+        return self._logs
+
+    def kill(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def one_worker_env() -> dict:
+    """A cluster of one worker on 127.0.0.1: --strategy multi_worker, so the shared custom step, in one process."""
+    return {"TF_CONFIG": distributed.local_cluster(1)[0], "CUDA_VISIBLE_DEVICES": ""}
+
+
+# Its own small base (500 source images), pretrained by each worker while the other tests run.
+FINE_TUNE = ["recipes.fine_tune", "--quick", "--source-images", "500", "--head-epochs", "2", "--epochs", "2",
+             "--test-images", "200"]  # fmt: skip
+# name: (the tests that read it, how to start it in folder `out`)
+JOBS = {
+    "one_process": (  # the reference: default strategy (fit), uninterrupted, with a backup (removed at its end)
+        {"test_two_workers_match_one_process_and_only_the_chief_writes",
+         "test_a_killed_fit_run_resumes_at_epoch_3_with_the_same_metrics"},
+        lambda out: Job([*PYTHON, *WEIGHT_TRANSFER, "--backup-dir", str(out / "backup")], out),
+    ),
+    "two_workers": (
+        {"test_two_workers_match_one_process_and_only_the_chief_writes"},
+        lambda out: Job([*PYTHON, *WEIGHT_TRANSFER, "--strategy", "multi_worker"], out, workers=2),
+    ),
+    "one_worker": (  # the custom loop's reference: one worker, uninterrupted, with a backup
+        {"test_a_killed_custom_loop_run_resumes_at_epoch_3_with_the_same_metrics"},
+        lambda out: Job([*PYTHON, *WEIGHT_TRANSFER, "--strategy", "multi_worker", "--backup-dir",
+                         str(out / "backup")], out, extra_env=one_worker_env()),
+    ),
+    "fine_tune_two_workers": (
+        {"test_fine_tune_on_two_workers_finishes_with_the_same_numbers_on_both"},
+        lambda out: Job([*PYTHON, *FINE_TUNE, "--strategy", "multi_worker"], out, workers=2),
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def jobs(request, tmp_path_factory):
+    """Start every job that a selected test of this module reads; kill what is left at the end."""
+    selected = {getattr(item, "originalname", item.name) for item in request.session.items}
+    started = {name: start(tmp_path_factory.mktemp(name)) for name, (readers, start) in JOBS.items()
+               if readers & selected}  # fmt: skip
+    yield started
+    for job in started.values():
+        job.kill()
+
+
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict:
-    """The reference: one process, default strategy, uninterrupted, with a backup (removed at its end)."""
-    out = tmp_path_factory.mktemp("one")
-    command = [*PYTHON, *WEIGHT_TRANSFER, "--backup-dir", str(out / "backup"), "--out", str(out)]
-    single = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=240)
-    assert single.returncode == 0, single.stderr
-    assert not (out / "backup").exists()
-    return metrics(out)
+def one_process(jobs) -> dict:
+    job = jobs["one_process"]
+    job.logs()
+    assert not (job.out / "backup").exists()
+    return metrics(job.run_dir)
 
 
-def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path, one_process):
-    chief_out = tmp_path / "two"
-    workers = distributed.launch_local(
-        [*PYTHON, *WEIGHT_TRANSFER, "--strategy", "multi_worker", "--out", str(chief_out)],
-        workers=2,
-        log_dir=str(tmp_path),
-        env=env(),
-    )
-    try:
-        codes = [worker.wait(timeout=240) for worker in workers]
-    finally:
-        for worker in workers:
-            worker.kill()
-    logs = [(tmp_path / f"worker-{i}.log").read_text() for i in range(2)]
-    assert codes == [0, 0], logs
+def test_two_workers_match_one_process_and_only_the_chief_writes(jobs, one_process):
+    job = jobs["two_workers"]
+    logs, chief_out = job.logs(), job.run_dir
     worker_dir = logs[1].split("run folder: ")[1].split("\n")[0]
     assert not Path(worker_dir).exists()  # the other worker wrote only a temporary folder, removed at exit
     assert "Epoch 1/" not in logs[0] and "epoch 1/3" in logs[0]  # the shared step's log line, not fit's
@@ -183,19 +267,78 @@ def test_a_killed_fit_run_resumes_at_epoch_3_with_the_same_metrics(tmp_path, one
     command = [*PYTHON, *WEIGHT_TRANSFER, "--backup-dir", str(backup), "--out", str(killed_out)]
     process = subprocess.Popen(command, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metadata = backup / "source" / "training_metadata.json"
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and process.poll() is None:
-        if metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 2:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    kill_when(process, lambda: metadata.exists() and json.loads(metadata.read_text() or "{}").get("epoch", 0) >= 2)
     assert json.loads(metadata.read_text())["epoch"] == 2 and not (killed_out / "metrics.json").exists()
 
-    resumed = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(command, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert resumed.returncode == 0, resumed.stderr
     assert "Epoch 3/3" in resumed.stdout and "Epoch 1/3" not in resumed.stdout  # resumed at epoch 3
     assert not backup.exists()  # a finished run removes its backup
     assert metrics(killed_out)["source_test_accuracy"] == one_process["source_test_accuracy"]
     assert accuracies(metrics(killed_out)) == accuracies(one_process)
+
+
+# --- Kill-and-resume of the shared distributed step (the custom loop), in its own process ------------
+
+
+def kill_when(process: subprocess.Popen, ready, seconds: float = TIMEOUT) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` holds (polled every 50 ms); fail if it ended first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def custom_epochs(backup: Path) -> int:
+    """Source epochs the custom loop's backup holds: its history is written right after each epoch's checkpoint."""
+    history = backup / "source" / "history.json"
+    try:
+        return len(json.loads(history.read_text())["loss"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+def test_a_killed_custom_loop_run_resumes_at_epoch_3_with_the_same_metrics(tmp_path, jobs):
+    """The shared distributed step (a one-worker multi_worker run) killed after its second source epoch, started
+    again: it restores the CheckpointManager's model, optimizer, epoch and RNG state, and ends exactly as an
+    uninterrupted run of the same command."""
+    backup, killed_out = tmp_path / "backup", tmp_path / "killed"
+    command = [*PYTHON, *WEIGHT_TRANSFER, "--strategy", "multi_worker", "--backup-dir", str(backup), "--out",
+               str(killed_out)]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env() | one_worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    kill_when(process, lambda: custom_epochs(backup) >= 2)
+    assert custom_epochs(backup) == 2 and (backup / "source" / "ckpt").exists()
+    assert not (killed_out / "metrics.json").exists()
+
+    resumed = subprocess.run(command, env=env() | one_worker_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "epoch 3/3" in resumed.stdout and "epoch 1/3" not in resumed.stdout  # resumed at epoch 3
+    assert "Epoch 1/" not in resumed.stdout  # the shared step's log line, not fit's
+    assert not backup.exists()  # a finished run removes its backup
+    whole = jobs["one_worker"]
+    whole.logs()
+    assert not (whole.out / "backup").exists()
+    assert metrics(killed_out)["source_test_accuracy"] == metrics(whole.run_dir)["source_test_accuracy"]
+    assert accuracies(metrics(killed_out)) == accuracies(metrics(whole.run_dir))
+
+
+# --- fine_tune on two real workers -------------------------------------------------------------
+
+
+def test_fine_tune_on_two_workers_finishes_with_the_same_numbers_on_both(jobs):
+    """Both phases and the baseline (early stopping included) under a real MultiWorkerMirroredStrategy: both
+    workers finish, stop at the same epochs and print the same table (their replicas hold the same weights); only
+    the chief writes a run folder."""
+    job = jobs["fine_tune_two_workers"]
+    logs = job.logs()
+    record = metrics(job.run_dir)
+    assert set(record["variants"]) == {"scratch", "head_only", "fine_tune"}
+    assert min(accuracies(record).values()) > 0.3  # 5 classes, chance 0.2; measured 0.42-0.79 with these settings
+    worker_dir = logs[1].split("run folder: ")[1].split("\n")[0]
+    assert not Path(worker_dir).exists()
+    results = [[line for line in log.splitlines() if "test accuracy" in line or " pts" in line] for log in logs]
+    assert len(results[0]) == 5 and results[0] == results[1]  # 3 variants' lines, 2 gains: the same on both workers
