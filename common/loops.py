@@ -5,12 +5,19 @@ called once per iteration from Python pays the ``tf.function`` call overhead (hu
 microseconds) every time, which dominates when the step itself is small.
 :func:`compiled_loop` wraps a step in a ``tf.while_loop`` so that one call runs ``n`` steps,
 optionally compiled by XLA (``jit_compile=True``), and returns their mean loss.
+:func:`run_with_progress` calls it until a number of iterations is done; with ``backup_dir``
+it saves a ``tf.train.CheckpointManager`` checkpoint after each call (the step counter, the
+loss history and whatever the caller tracks: model, optimizer, random-generator states,
+:class:`NumpyRandomState`), so a killed run started again resumes at its last saved step.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -39,22 +46,87 @@ def compiled_loop(step: Callable[[], tf.Tensor], jit_compile: bool = False) -> C
     return run
 
 
-def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: str, reports: int = 100) -> dict:
+class JSONState(tf.train.experimental.PythonState):
+    """Python values saved inside a ``tf.train.Checkpoint`` as JSON: ``get()`` returns them, ``put(value)`` restores.
+
+    The value is written with the checkpoint's tensors in the same files, so it can never
+    disagree with them (unlike a side file written before or after the checkpoint).
+    """
+
+    def __init__(self, get: Callable[[], object], put: Callable[[object], None]):
+        self._get, self._put = get, put
+
+    def serialize(self) -> str:
+        return json.dumps(self._get())
+
+    def deserialize(self, string: str) -> None:
+        self._put(json.loads(string))
+
+
+class NumpyRandomState(JSONState):
+    """A ``numpy.random.Generator``'s bit-generator state (e.g. PCG64's 128-bit state and increment), checkpointed.
+
+    Track it in :func:`run_with_progress` (``track={"rng": NumpyRandomState(rng)}``) when a
+    step draws its data with numpy: a resumed run then draws what an uninterrupted one would.
+    """
+
+    def __init__(self, rng: np.random.Generator):
+        def put(state):
+            rng.bit_generator.state = state
+
+        super().__init__(lambda: rng.bit_generator.state, put)
+
+
+def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: str, reports: int = 100,
+                      backup_dir: Path | str | None = None, track: dict | None = None) -> dict:  # fmt: skip
     """Call ``run(n)`` (n iterations, returns their mean loss) about ``reports`` times to do ``iterations``.
 
     Shows a Keras progress bar headed by ``label``; returns ``{"loss": [...]}``, the mean loss
     of each call (one entry per ``iterations // reports`` iterations, i.e. every 1% by default).
+
+    ``backup_dir``: resumable. After each call a ``tf.train.CheckpointManager`` (one checkpoint
+    kept, ``backup_dir/ckpt-<step>.*``) saves the iterations done so far (an int64 step
+    counter), the loss history and every object of ``track`` (a dict name -> trackable: the
+    Keras model, its optimizer with its own step counter and moments, a
+    ``tf.random.Generator``, a :class:`NumpyRandomState`). If ``backup_dir`` holds a
+    checkpoint, it is restored first and only the remaining iterations run, in the same
+    chunks as an uninterrupted run (the checkpointed steps are multiples of the chunk), so
+    with the same ``track`` the run ends in the same state; a finished phase (step =
+    ``iterations``) is restored without running. Raises ``ValueError`` if the checkpoint
+    holds more steps than ``iterations`` (the command changed), and TensorFlow's
+    ``AssertionError`` if an object of ``track`` has no counterpart in the checkpoint.
     """
     import keras
 
-    print(label)
-    progress = keras.utils.Progbar(iterations, stateful_metrics=["loss"])
     every = max(1, iterations // reports)
     history, done = {"loss": []}, 0
+    manager = None
+    if backup_dir is not None:
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+
+        def put(saved):
+            history["loss"] = list(saved["loss"])
+
+        checkpoint = tf.train.Checkpoint(step=step, history=JSONState(lambda: history, put), **(track or {}))
+        manager = tf.train.CheckpointManager(checkpoint, str(Path(backup_dir)), max_to_keep=1)
+        if manager.latest_checkpoint:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            done = int(step.numpy())
+            if done > iterations:
+                raise ValueError(f"{backup_dir} holds {done} steps of {label!r}, more than the {iterations} asked for; "
+                                 "resume with the command that wrote it, or remove the folder")  # fmt: skip
+            print(f"{label}: resumed at step {done}/{iterations} from {manager.latest_checkpoint}")
+    print(label)
+    progress = keras.utils.Progbar(iterations, stateful_metrics=["loss"])
+    if done:
+        progress.update(done, [("loss", history["loss"][-1])] if history["loss"] else None)
     while done < iterations:
         n = min(every, iterations - done)
         loss = float(run(n))
         done += n
         history["loss"].append(loss)
+        if manager is not None:
+            step.assign(done)
+            manager.save(checkpoint_number=done)
         progress.update(done, [("loss", loss)])
     return history

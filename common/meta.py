@@ -23,6 +23,8 @@ inputs and targets, query inputs and targets.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import keras
@@ -297,11 +299,13 @@ def plot_sinusoid_tasks(learners: dict, tasks, params, steps: int, count: int = 
 
 
 def pretrain_sinusoid(model: keras.Model, iterations: int, tasks_per_batch: int, points: int, learning_rate: float,
-                      seed: int, jit_compile: bool = True) -> dict:  # fmt: skip
+                      seed: int, jit_compile: bool = True, backup_dir=None) -> dict:  # fmt: skip
     """MAML's sinusoid baseline: one regressor trained with Adam on points of many tasks at once (no adaptation).
 
     Each iteration draws ``tasks_per_batch`` tasks of ``points`` points inside the graph and
     takes one step on their MSE; returns the loss history (``loops.run_with_progress``).
+    ``backup_dir``: resumable (``loops.run_with_progress``: model, Adam, task generator and
+    step counter checkpointed after every call).
     """
     generator = tf.random.Generator.from_seed(seed)
     optimizer = keras.optimizers.Adam(learning_rate)
@@ -315,14 +319,22 @@ def pretrain_sinusoid(model: keras.Model, iterations: int, tasks_per_batch: int,
         optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
         return loss
 
-    return loops.run_with_progress(loops.compiled_loop(step, jit_compile), iterations, "pretrain (joint)")
+    track = dict(model=model, optimizer=optimizer, generator=generator)
+    return loops.run_with_progress(loops.compiled_loop(step, jit_compile), iterations, "pretrain (joint)",
+                                   backup_dir=backup_dir, track=track)  # fmt: skip
 
 
 def pretrain_classifier(sampler: EpisodeSampler, filters: int, epochs: int, learning_rate: float, seed: int,
-                        max_images: int = 0, batch_size: int = 64) -> tuple[keras.Model, dict]:  # fmt: skip
+                        max_images: int = 0, batch_size: int = 64, backup_dir=None) -> tuple[keras.Model, dict]:  # fmt: skip
     """The few-shot transfer baseline's source model: :func:`build_conv4` trained as a plain classifier of the
     sampler's classes (all their images, or about ``max_images`` balanced over the classes); returns
-    the model and its ``fit`` history."""
+    the model and its ``fit`` history.
+
+    ``backup_dir`` (a ``Path``): ``keras.callbacks.BackupAndRestore`` there after every epoch and the
+    history in ``history.json``; a finished phase is restored from ``finished-<epochs>.weights.h5``
+    without training. A run killed mid-phase restarts at its next epoch with ``fit``'s own shuffle
+    of the remaining epochs (not replayed: with the default single epoch, the phase is either
+    redone whole or restored)."""
     picked = np.concatenate(list(sampler.members.values()))
     labels = np.concatenate([np.full(len(m), i) for i, m in enumerate(sampler.members.values())])
     if max_images:
@@ -337,8 +349,32 @@ def pretrain_classifier(sampler: EpisodeSampler, filters: int, epochs: int, lear
     )
     order = np.random.default_rng(seed).permutation(len(picked))
     print(f"pretrain the baseline classifier on {len(picked)} images of the meta-train classes")
-    history = model.fit(sampler.images[picked[order]], labels[order], batch_size=batch_size, epochs=epochs, verbose=2)
-    return model, history.history
+    if backup_dir is None:
+        history = model.fit(sampler.images[picked[order]], labels[order], batch_size=batch_size, epochs=epochs,
+                            verbose=2)  # fmt: skip
+        return model, history.history
+    finished, saved = backup_dir / f"finished-{epochs}.weights.h5", backup_dir / "history.json"
+    if finished.exists():
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(finished)
+        print(f"restored the finished baseline classifier from {finished}")
+        return model, json.loads(saved.read_text())
+    history = json.loads(saved.read_text()) if saved.exists() else {}
+
+    def record(epoch, logs):  # every finished epoch's figures, before BackupAndRestore saves its weights
+        history.update({key: history.get(key, [])[:epoch] + [float(value)] for key, value in logs.items()})
+        saved.with_suffix(".tmp").write_text(json.dumps(history))
+        os.replace(saved.with_suffix(".tmp"), saved)
+
+    callbacks = [keras.callbacks.LambdaCallback(on_epoch_end=record),
+                 keras.callbacks.BackupAndRestore(str(backup_dir / "fit"), delete_checkpoint=False)]  # fmt: skip
+    model.fit(sampler.images[picked[order]], labels[order], batch_size=batch_size, epochs=epochs, verbose=2,
+              callbacks=callbacks)  # fmt: skip
+    model._initial_epoch = None  # set by a restoring BackupAndRestore (as in common.distributed.train)
+    tmp = backup_dir / "finished.tmp.weights.h5"
+    model.save_weights(tmp)
+    os.replace(tmp, finished)  # the marker, written last
+    return model, history
 
 
 # --- Reporting ------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ inner updates (second order: ``model.stateless_call`` inside nested ``tf.Gradien
 theta towards weights adapted on the whole task. The tasks of a meta-batch run inside one
 compiled step (``tf.vectorized_map`` / ``tf.map_fn``); ``--strategy mirrored`` splits the
 meta-batch across replicas and averages their meta-gradients (all-reduce), one Adam update.
+``--backup-dir DIR`` checkpoints every phase after each compiled call (weights, Adam, step, task
+generator); the same command resumes a killed run there and ends with the same metrics.
 
 When to use it: many small related tasks (few labels each), and new ones to come. With one
 big source task, pre-training and fine-tuning (the other recipes) is simpler and as good.
@@ -43,7 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import evaluation, loops, meta
+from common import distributed, evaluation, loops, meta
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 from common.meta import (  # the task families, models and losses of the MAML paper
     EpisodeSampler,
@@ -97,6 +99,7 @@ class Config(RecipeConfig):
     head_steps: int = knob(100, "Images: Adam steps fitting the baseline's new head on each support set.", minimum=1)
 
     MULTI_WORKER = True  # the meta-batch split across workers by the distributed meta-step
+    BACKUP = True  # every phase checkpointed after each compiled call (or epoch), resumed by the same command
 
     QUICK = dict(
         iterations=300,
@@ -317,13 +320,19 @@ class MetaLearner:
 # --- Sinusoid: training and baseline --------------------------------------------------
 
 
-def meta_train_sinusoid(learner: MetaLearner, config: Config) -> dict:
-    """``iterations`` meta-steps on tasks sampled in the graph; returns the history (loss every 1%)."""
+def meta_train_sinusoid(learner: MetaLearner, config: Config, backup_dir=None) -> dict:
+    """``iterations`` meta-steps on tasks sampled in the graph; returns the history (loss every 1%).
+
+    ``backup_dir``: after every compiled call, a checkpoint of the weights, Adam, the step and the
+    task generator's state; a rerun resumes there (``loops.run_with_progress``).
+    """
     generator = tf.random.Generator.from_seed(config.seed)
     run = learner.meta_train_loop(
         lambda: sinusoid_tasks_tf(generator, config.batch_size, config.k, config.query_points)
     )
-    return loops.run_with_progress(run, config.iterations, f"meta-train ({config.algorithm})")
+    track = dict(model=learner.model, optimizer=learner.optimizer, generator=generator)
+    return loops.run_with_progress(run, config.iterations, f"meta-train ({config.algorithm})",
+                                   backup_dir=backup_dir, track=track)  # fmt: skip
 
 
 def sinusoid_test_tasks(config: Config, num_query: int = 100):
@@ -343,11 +352,12 @@ def run_sinusoid(config: Config, start: float, strategy=None) -> dict:
         model = build_sinusoid_model(config.algorithm)
     learner = MetaLearner(model, mse, mse, config.algorithm, config.alpha, config.inner_steps, config.meta_lr,
                           jit_compile=config.jit_compile, strategy=strategy)  # fmt: skip
-    meta_history = meta_train_sinusoid(learner, config)
+    backup = distributed.Backup(config.backup_dir)  # --backup-dir: each phase resumes from its last compiled call
+    meta_history = meta_train_sinusoid(learner, config, backup.phase("meta_train"))
     baseline_model = build_sinusoid_model("pretrained")
     pretrain_history = meta.pretrain_sinusoid(baseline_model, config.pretrain_iterations, config.batch_size,
                                               config.k + config.query_points, config.meta_lr, config.seed + 1,
-                                              config.jit_compile)  # fmt: skip
+                                              config.jit_compile, backup.phase("pretrain"))  # fmt: skip
     baseline = MetaLearner(baseline_model, mse, mse, "maml", config.alpha, config.inner_steps, config.meta_lr)
 
     tasks, params = sinusoid_test_tasks(config)
@@ -375,14 +385,20 @@ def run_sinusoid(config: Config, start: float, strategy=None) -> dict:
     print("(the MAML paper plots these curves in its Figure 3; it gives no table of them)\n")
     print(evaluation.comparison_table(record))
     print(f"\nwrote {run_dir} in {record['seconds']:.0f} s")
+    backup.finish()
     return record
 
 
 # --- Images: training and baseline ----------------------------------------------------
 
 
-def meta_train_images(learner: MetaLearner, sampler: EpisodeSampler, shots: int, config: Config) -> dict:
-    """``image_iterations`` meta-steps on episodes of the meta-train classes."""
+def meta_train_images(learner: MetaLearner, sampler: EpisodeSampler, shots: int, config: Config,
+                      backup_dir=None) -> dict:  # fmt: skip
+    """``image_iterations`` meta-steps on episodes of the meta-train classes.
+
+    ``backup_dir``: after every call, a checkpoint of the weights, Adam, the step and the numpy
+    generator the episodes are drawn with; a rerun resumes there (``loops.run_with_progress``).
+    """
     rng = np.random.default_rng(config.seed)
 
     def run(n):  # n meta-steps on episodes drawn in numpy, their mean loss
@@ -392,7 +408,9 @@ def meta_train_images(learner: MetaLearner, sampler: EpisodeSampler, shots: int,
             losses.append(learner.meta_step((xs, ys, xq, yq)))
         return tf.reduce_mean(losses)
 
-    return loops.run_with_progress(run, config.image_iterations, f"meta-train ({config.algorithm}, {shots}-shot)")
+    track = dict(model=learner.model, optimizer=learner.optimizer, rng=loops.NumpyRandomState(rng))
+    return loops.run_with_progress(run, config.image_iterations, f"meta-train ({config.algorithm}, {shots}-shot)",
+                                   backup_dir=backup_dir, track=track)  # fmt: skip
 
 
 def run_images(config: Config, start: float, strategy=None) -> dict:
@@ -408,9 +426,11 @@ def run_images(config: Config, start: float, strategy=None) -> dict:
     shape = train_sampler.images.shape[1:]
 
     timer = meta.PhaseTimer()  # wall seconds of each phase, also in metrics.json
+    backup = distributed.Backup(config.backup_dir)  # --backup-dir: each phase resumes where it was stopped
     baseline_model, baseline_history = meta.pretrain_classifier(
-        train_sampler, config.filters, config.epochs, config.meta_lr, config.seed, config.pretrain_images
-    )
+        train_sampler, config.filters, config.epochs, config.meta_lr, config.seed, config.pretrain_images,
+        backup_dir=backup.phase("pretrain"),
+    )  # fmt: skip
     timer.lap("pretrain")
     histories = {"pretrain": baseline_history}
     variants = {"pretrained": {"ci95": {}}, config.algorithm: {"ci95": {}, "by_steps": {}}}
@@ -429,7 +449,8 @@ def run_images(config: Config, start: float, strategy=None) -> dict:
             model = build_conv4(shape, config.ways, config.filters, name=f"{config.algorithm}_{shots}_shot")
         learner = MetaLearner(model, cross_entropy, accuracy, config.algorithm, config.image_alpha,
                               config.inner_steps, config.meta_lr, task_map="map", strategy=strategy)  # fmt: skip
-        histories[f"meta_train_{shots}_shot"] = meta_train_images(learner, train_sampler, shots, config)
+        histories[f"meta_train_{shots}_shot"] = meta_train_images(learner, train_sampler, shots, config,
+                                                                  backup.phase(f"meta_train_{shots}_shot"))  # fmt: skip
         timer.lap(f"meta_train_{shots}_shot")
         scores = learner.evaluate(episodes, steps, chunk=100)
         timer.lap(f"evaluate_{config.algorithm}_{shots}_shot")
@@ -454,6 +475,7 @@ def run_images(config: Config, start: float, strategy=None) -> dict:
     print(f"\n{config.ways}-way accuracy on {config.eval_tasks} meta-test episodes (adapted with {max(steps)} steps):")
     print(evaluation.comparison_table(record))
     print(f"\nwrote {run_dir} in {record['seconds']:.0f} s")
+    backup.finish()
     return record
 
 

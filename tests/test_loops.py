@@ -1,7 +1,8 @@
-"""common.loops.compiled_loop: n steps per call in one graph, their mean loss, no retracing per n."""
+"""common.loops: n steps per call in one graph, their mean loss, no retracing per n; resumable runs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -66,3 +67,46 @@ def test_run_with_progress_calls_in_one_percent_slices_and_keeps_each_mean_loss(
     calls.clear()
     loops.run_with_progress(run, 7, "small")
     assert calls == [1] * 7
+
+
+# --- Resumable runs (backup_dir) ----------------------------------------------------------
+
+
+class Stopped(Exception):
+    """Stand-in for a kill: raised by a call, after the calls before it were checkpointed."""
+
+
+def resumable(stop_at: int | None = None):
+    """A run(n) whose state is a variable, a tf.random.Generator and a numpy generator; raises at call ``stop_at``."""
+    total, generator, rng = tf.Variable(0.0), tf.random.Generator.from_seed(1), np.random.default_rng(2)
+    calls = []
+
+    def run(n):
+        calls.append(n)
+        if len(calls) == stop_at:
+            raise Stopped
+        for _ in range(n):
+            total.assign_add(generator.uniform([]) + float(rng.uniform()))
+        return total.read_value()
+
+    track = dict(total=total, generator=generator, rng=loops.NumpyRandomState(rng))
+    return run, track, calls, total
+
+
+def test_run_with_progress_resumes_from_its_last_checkpoint_with_the_same_state(tmp_path, capsys):
+    run, track, _, whole_total = resumable()
+    whole = loops.run_with_progress(run, 10, "phase", reports=5)  # 2 iterations a call
+    run, track, calls, _ = resumable(stop_at=3)
+    with pytest.raises(Stopped):
+        loops.run_with_progress(run, 10, "phase", reports=5, backup_dir=tmp_path, track=track)
+    assert calls == [2, 2, 2]  # the third call was stopped: 4 iterations saved
+    run, track, calls, total = resumable()  # a new process: fresh objects, restored from the checkpoint
+    resumed = loops.run_with_progress(run, 10, "phase", reports=5, backup_dir=tmp_path, track=track)
+    assert "phase: resumed at step 4/10" in capsys.readouterr().out
+    assert calls == [2, 2, 2]  # only the remaining 6 iterations, in the same chunks
+    assert resumed == whole and float(total) == float(whole_total)  # both generators restored too
+    run, track, calls, total = resumable()
+    again = loops.run_with_progress(run, 10, "phase", reports=5, backup_dir=tmp_path, track=track)
+    assert calls == [] and again == whole and float(total) == float(whole_total)  # finished: restored, not run
+    with pytest.raises(ValueError, match="holds 10 steps of 'phase', more than the 8 asked for"):
+        loops.run_with_progress(run, 8, "phase", reports=5, backup_dir=tmp_path, track=track)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from common import meta
+from common import loops, meta
 from recipes import maml
 from tests.conftest import ROOT, execute_notebook
 
@@ -306,6 +306,87 @@ def test_omniglot_under_mock_data(tmp_path):
         record = maml.run(config)
     assert record["dataset"] == "tfds:omniglot" and record["ways"] == 3
     assert 0.0 <= record["variants"]["maml"]["accuracy_1_shot"] <= 1.0
+
+
+# --- Resuming (--backup-dir) -------------------------------------------------------------
+
+
+RUN_WITH_PROGRESS = loops.run_with_progress  # the real one: a second watch_phases replaces the first
+
+
+class Stopped(Exception):
+    """Stand-in for a kill: raised in place of a compiled call, after the calls before it were checkpointed."""
+
+
+def watch_phases(monkeypatch, stop_at: tuple[str, int] | None = None) -> dict:
+    """Count the iterations each phase runs (label -> iterations); raise ``Stopped`` at call ``stop_at[1]`` of the
+    phase whose label starts with ``stop_at[0]``."""
+    original, ran = RUN_WITH_PROGRESS, {}
+
+    def watched(run, iterations, label, *args, **kwargs):
+        ran[label], calls = 0, []
+
+        def counted(n):
+            calls.append(n)
+            if stop_at and label.startswith(stop_at[0]) and len(calls) == stop_at[1]:
+                raise Stopped(label)
+            ran[label] += n
+            return run(n)
+
+        return original(counted, iterations, label, *args, **kwargs)
+
+    monkeypatch.setattr(loops, "run_with_progress", watched)
+    return ran
+
+
+def test_sinusoid_run_stopped_twice_resumes_and_ends_as_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    """--quick: 300 meta-steps in calls of 3, 200 pretraining steps in calls of 2. Stopped in meta-training after
+    2 calls, then (resumed) in pretraining after 2 calls, then finished: each rerun starts at the saved step, the
+    finished phase is restored without training, and the metrics and loss histories equal, to the last bit, those
+    of a run without --backup-dir."""
+    whole = maml.main(["--quick", "--out", str(tmp_path / "whole")])
+    backup, out = tmp_path / "backup", tmp_path / "resumed"
+    argv = ["--quick", "--backup-dir", str(backup), "--out", str(out)]
+    watch_phases(monkeypatch, stop_at=("meta-train", 3))
+    with pytest.raises(Stopped, match="meta-train"):
+        maml.main(argv)
+    capsys.readouterr()
+    ran = watch_phases(monkeypatch, stop_at=("pretrain", 3))
+    with pytest.raises(Stopped, match="pretrain"):
+        maml.main(argv)
+    assert ran == {"meta-train (maml)": 300 - 2 * 3, "pretrain (joint)": 2 * 2}
+    assert "meta-train (maml): resumed at step 6/300" in capsys.readouterr().out
+    ran = watch_phases(monkeypatch)
+    resumed = maml.main(argv)
+    assert ran == {"meta-train (maml)": 0, "pretrain (joint)": 200 - 2 * 2}  # finished phase restored, not rerun
+    printed = capsys.readouterr().out
+    assert (
+        "meta-train (maml): resumed at step 300/300" in printed and "pretrain (joint): resumed at step 4/200" in printed
+    )
+    assert resumed["variants"] == whole["variants"]  # exactly: same ops on the same restored state
+    assert (out / "history.csv").read_text() == (tmp_path / "whole" / "history.csv").read_text()
+    assert not backup.exists()  # a finished run removes its backup
+
+
+def test_fashion_mnist_run_stopped_in_meta_training_resumes_and_ends_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """The image path (--quick: 20 meta-steps, one a call; episodes drawn with numpy, its generator checkpointed):
+    stopped after 5 meta-steps, resumed with the baseline restored from its finished fit; same metrics."""
+    common = ["--dataset", "fashion_mnist", "--quick", "--eval-tasks", "20"]
+    whole = maml.main([*common, "--out", str(tmp_path / "whole")])
+    backup, argv = (
+        tmp_path / "backup",
+        [*common, "--backup-dir", str(tmp_path / "backup"), "--out", str(tmp_path / "r")],
+    )
+    watch_phases(monkeypatch, stop_at=("meta-train", 6))
+    with pytest.raises(Stopped):
+        maml.main(argv)
+    assert (backup / "pretrain" / "finished-1.weights.h5").is_file()
+    ran = watch_phases(monkeypatch)
+    resumed = maml.main(argv)
+    assert ran == {"meta-train (maml, 1-shot)": 20 - 5}
+    assert resumed["variants"] == whole["variants"]
+    assert (tmp_path / "r" / "history.csv").read_text() == (tmp_path / "whole" / "history.csv").read_text()
+    assert not backup.exists()
 
 
 # --- The notebook ----------------------------------------------------------------------
