@@ -48,7 +48,7 @@ lint: $(VENV)/.installed
 
 # Two pytest processes, one test file each at a time (module fixtures stay in one process): much of
 # the suite is single-threaded (imports, tracing, subprocess start-up), so 2 cores run it in about
-# 18 minutes instead of 22.
+# 16 minutes instead of 22 (docs/timings_alone.md).
 TEST_WORKERS ?= 2
 test: setup lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
