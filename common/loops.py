@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from common.errors import InputError
+
 
 def compiled_loop(step: Callable[[], tf.Tensor], jit_compile: bool = False) -> Callable[[int], tf.Tensor]:
     """A compiled function ``run(n)`` that calls ``step()`` ``n`` times in one graph; returns the mean loss.
@@ -92,8 +94,9 @@ def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: s
     checkpoint, it is restored first and only the remaining iterations run, in the same
     chunks as an uninterrupted run (the checkpointed steps are multiples of the chunk), so
     with the same ``track`` the run ends in the same state; a finished phase (step =
-    ``iterations``) is restored without running. Raises ``ValueError`` if the checkpoint
-    holds more steps than ``iterations`` (the command changed), and TensorFlow's
+    ``iterations``) is restored without running. Raises ``InputError`` if the checkpoint
+    holds more steps than ``iterations`` (the command changed: the
+    recipe ends in one ``error:`` line naming the folder), and TensorFlow's
     ``AssertionError`` if an object of ``track`` has no counterpart in the checkpoint.
     """
     import keras
@@ -113,7 +116,7 @@ def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: s
             checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
             done = int(step.numpy())
             if done > iterations:
-                raise ValueError(f"{backup_dir} holds {done} steps of {label!r}, more than the {iterations} asked for; "
+                raise InputError(f"{backup_dir} holds {done} steps of {label!r}, more than the {iterations} asked for; "
                                  "resume with the command that wrote it, or remove the folder")  # fmt: skip
             print(f"{label}: resumed at step {done}/{iterations} from {manager.latest_checkpoint}")
     print(label)

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from common import loops
+from common.errors import InputError
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -108,5 +109,5 @@ def test_run_with_progress_resumes_from_its_last_checkpoint_with_the_same_state(
     run, track, calls, total = resumable()
     again = loops.run_with_progress(run, 10, "phase", reports=5, backup_dir=tmp_path, track=track)
     assert calls == [] and again == whole and float(total) == float(whole_total)  # finished: restored, not run
-    with pytest.raises(ValueError, match="holds 10 steps of 'phase', more than the 8 asked for"):
+    with pytest.raises(InputError, match="holds 10 steps of 'phase', more than the 8 asked for"):
         loops.run_with_progress(run, 8, "phase", reports=5, backup_dir=tmp_path, track=track)
