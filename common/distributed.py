@@ -447,6 +447,8 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
     import keras
     import tensorflow as tf
 
+    from common.loops import StepCheckpoint
+
     finished = _restore_finished(model, dataset, backup_dir, epochs)
     if finished is not None:
         return finished
@@ -454,22 +456,15 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
     per_example, loss_object = _per_example_loss(model)
     sparse = isinstance(loss_object, keras.losses.SparseCategoricalCrossentropy)
     optimizer = model.optimizer
+    state, start, history = None, 0, {}
     with strategy.scope():
         _build_optimizer(model)
-        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-
-    manager = None
-    history: dict = {}
-    if backup_dir is not None:
-        backup_dir.mkdir(parents=True, exist_ok=True)
-        rng = [v for v in model.variables if "seed_generator_state" in v.path]
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, rng=rng)
-        manager = tf.train.CheckpointManager(checkpoint, str(backup_dir / "ckpt"), max_to_keep=1)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            history = _load_history(backup_dir)
-    start = int(epoch_var.numpy())
-    history = {key: values[:start] for key, values in history.items()}  # the checkpoint's epochs win
+        if backup_dir is not None:  # step = epochs done (the data position)
+            backup_dir.mkdir(parents=True, exist_ok=True)
+            rng = [v for v in model.variables if "seed_generator_state" in v.path]
+            state = StepCheckpoint(backup_dir / "ckpt", model=model, optimizer=optimizer, rng=rng)
+            start = state.restore()
+            history = {key: values[:start] for key, values in _load_history(backup_dir).items()}  # checkpoint wins
 
     def step_sums(x, y, training: bool):
         logits = model(x, training=training)
@@ -543,9 +538,8 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
             print(f"epoch {epoch + 1}/{epochs}  {steps} steps  {logs['epoch_seconds']:.1f} s  {shown}", flush=True)
         if model.stop_training:  # recorded by the finished phase below, not as a checkpoint to resume from
             break
-        if manager is not None:
-            epoch_var.assign(epoch + 1)
-            manager.save(checkpoint_number=epoch + 1)
+        if state is not None:
+            state.save(epoch + 1)
             _save_history(backup_dir, history)
             if stopper is not None:
                 stopper.prune()

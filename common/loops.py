@@ -6,9 +6,10 @@ microseconds) every time, which dominates when the step itself is small.
 :func:`compiled_loop` wraps a step in a ``tf.while_loop`` so that one call runs ``n`` steps,
 optionally compiled by XLA (``jit_compile=True``), and returns their mean loss.
 :func:`run_with_progress` calls it until a number of iterations is done; with ``backup_dir``
-it saves a ``tf.train.CheckpointManager`` checkpoint after each call (the step counter, the
-loss history and whatever the caller tracks: model, optimizer, random-generator states,
+it saves a checkpoint after each call (:class:`StepCheckpoint`: the step counter, the loss
+history and whatever the caller tracks: model, optimizer, random-generator states,
 :class:`NumpyRandomState`), so a killed run started again resumes at its last saved step.
+The epoch-level custom loop of ``common.distributed`` backs up through the same class.
 """
 
 from __future__ import annotations
@@ -79,6 +80,36 @@ class NumpyRandomState(JSONState):
         super().__init__(lambda: rng.bit_generator.state, put)
 
 
+class StepCheckpoint:
+    """A resumable position: a ``tf.train.CheckpointManager`` over a step counter and the caller's trackables.
+
+    ``StepCheckpoint(directory, model=model, optimizer=optimizer, rng=...)`` tracks the
+    given objects (Keras models and optimizers, ``tf.Variable``s and ``tf.random.Generator``s,
+    a :class:`JSONState`) with an int64 counter ``step`` (iterations or epochs: the
+    caller's unit). :meth:`restore` loads the latest checkpoint in ``directory`` if there is
+    one and returns its step (0 if none); :meth:`save` writes the state at ``step``,
+    keeping only the newest checkpoint (``directory/ckpt-<step>.*``; the write is
+    TensorFlow's, atomic). Create it where the tracked variables live (inside
+    ``strategy.scope()`` for a distributed model). Raises TensorFlow's ``AssertionError``
+    from :meth:`restore` if a tracked object has no counterpart in the checkpoint.
+    Follows TensorFlow's guide "Training checkpoints" (tf.train.CheckpointManager).
+    """
+
+    def __init__(self, directory: Path | str, **track):
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.checkpoint = tf.train.Checkpoint(step=self.step, **track)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(directory), max_to_keep=1)
+
+    def restore(self) -> int:
+        if self.manager.latest_checkpoint:
+            self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        return int(self.step.numpy())
+
+    def save(self, step: int) -> None:
+        self.step.assign(step)
+        self.manager.save(checkpoint_number=step)
+
+
 def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: str, reports: int = 100,
                       backup_dir: Path | str | None = None, track: dict | None = None) -> dict:  # fmt: skip
     """Call ``run(n)`` (n iterations, returns their mean loss) about ``reports`` times to do ``iterations``.
@@ -103,22 +134,19 @@ def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: s
 
     every = max(1, iterations // reports)
     history, done = {"loss": []}, 0
-    manager = None
+    state = None
     if backup_dir is not None:
-        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
 
         def put(saved):
             history["loss"] = list(saved["loss"])
 
-        checkpoint = tf.train.Checkpoint(step=step, history=JSONState(lambda: history, put), **(track or {}))
-        manager = tf.train.CheckpointManager(checkpoint, str(Path(backup_dir)), max_to_keep=1)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-            done = int(step.numpy())
-            if done > iterations:
-                raise InputError(f"{backup_dir} holds {done} steps of {label!r}, more than the {iterations} asked for; "
-                                 "resume with the command that wrote it, or remove the folder")  # fmt: skip
-            print(f"{label}: resumed at step {done}/{iterations} from {manager.latest_checkpoint}")
+        state = StepCheckpoint(backup_dir, history=JSONState(lambda: history, put), **(track or {}))
+        done = state.restore()
+        if done > iterations:
+            raise InputError(f"{backup_dir} holds {done} steps of {label!r}, more than the {iterations} asked for; "
+                             "resume with the command that wrote it, or remove the folder")  # fmt: skip
+        if done:
+            print(f"{label}: resumed at step {done}/{iterations} from {state.manager.latest_checkpoint}")
     print(label)
     progress = keras.utils.Progbar(iterations, stateful_metrics=["loss"])
     if done:
@@ -128,8 +156,7 @@ def run_with_progress(run: Callable[[int], tf.Tensor], iterations: int, label: s
         loss = float(run(n))
         done += n
         history["loss"].append(loss)
-        if manager is not None:
-            step.assign(done)
-            manager.save(checkpoint_number=done)
+        if state is not None:
+            state.save(done)
         progress.update(done, [("loss", loss)])
     return history

@@ -111,3 +111,18 @@ def test_run_with_progress_resumes_from_its_last_checkpoint_with_the_same_state(
     assert calls == [] and again == whole and float(total) == float(whole_total)  # finished: restored, not run
     with pytest.raises(InputError, match="holds 10 steps of 'phase', more than the 8 asked for"):
         loops.run_with_progress(run, 8, "phase", reports=5, backup_dir=tmp_path, track=track)
+
+
+def test_step_checkpoint_restores_its_step_and_tracked_state_and_keeps_only_the_newest(tmp_path):
+    assert loops.StepCheckpoint(tmp_path, weights=tf.Variable([0.0, 0.0])).restore() == 0  # nothing saved yet
+    weights = tf.Variable([1.0, 2.0])
+    saved = loops.StepCheckpoint(tmp_path, weights=weights)
+    saved.save(1)
+    weights.assign([3.0, 4.0])
+    saved.save(2)
+    fresh = tf.Variable([0.0, 0.0])
+    assert loops.StepCheckpoint(tmp_path, weights=fresh).restore() == 2
+    assert fresh.numpy().tolist() == [3.0, 4.0]
+    assert sorted(path.name.split(".")[0] for path in tmp_path.glob("ckpt-*")) == ["ckpt-2", "ckpt-2"]  # index, data
+    with pytest.raises(AssertionError):  # a tracked object the checkpoint does not hold
+        loops.StepCheckpoint(tmp_path, weights=fresh, other=tf.Variable(0.0)).restore()
