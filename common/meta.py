@@ -93,8 +93,8 @@ class MetaTrainer:
     (``tf.map_fn``: a graph loop, faster to trace and to run for CNNs, whose per-task
     convolution filters ``vectorized_map`` cannot batch); another value is an ``InputError``.
 
-    ``strategy`` (a ``tf.distribute`` strategy whose scope built ``model``; ignored with one
-    replica): the meta-batch is split across the replicas, each computes the meta-gradient of
+    ``strategy`` (a ``tf.distribute`` strategy whose scope built ``model``; with one replica only
+    the optimizer is built in its scope, the step is the plain one): the meta-batch is split across the replicas, each computes the meta-gradient of
     its share of tasks, the meta-gradients are averaged over replicas (all-reduce) and one Adam
     update is applied to the mirrored weights, as learn2learn's distributed MAML averages them
     over workers. XLA is not used under a strategy (it does not span the replicas' devices).
@@ -106,7 +106,7 @@ class MetaTrainer:
             raise InputError(f"unknown task_map {task_map!r}; choose vectorized or map")
         self.model, self.score_fn, self.task_map = model, score_fn, task_map
         self.strategy = strategy if strategy is not None and strategy.num_replicas_in_sync > 1 else None
-        with (self.strategy or tf.distribute.get_strategy()).scope():
+        with (strategy or tf.distribute.get_strategy()).scope():  # where the model's variables live
             self.optimizer = keras.optimizers.Adam(meta_lr)
             self.optimizer.build(model.trainable_variables)
         self.jit_compile = jit_compile and self.strategy is None  # XLA does not span the replicas' devices

@@ -102,6 +102,24 @@ def test_evaluate_scores_each_task_after_each_number_of_steps_whatever_the_chunk
         assert scores[i, 1] == pytest.approx(float(meta.mse(yq, learner.forward(adapted, xq))), rel=1e-5)
 
 
+def test_a_one_replica_strategy_takes_the_plain_step():
+    """--strategy mirrored on a machine with one device: the model's variables are mirrored, the step is the plain
+    (XLA) one, and the weights end where they end without a strategy (the optimizer lives in the strategy's scope;
+    built outside it, Adam failed on the mirrored variables with a TypeError)."""
+    tasks = sine_tasks()
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    keras.utils.set_random_seed(5)
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    mirrored = QueryGradient(model, meta.mse, meta_lr=0.05, jit_compile=True, strategy=strategy)
+    plain = trainer()
+    assert mirrored.strategy is None and mirrored.jit_compile
+    for learner in (mirrored, plain):
+        learner.meta_train_loop(lambda: tuple(tf.constant(t) for t in tasks))(2)
+    for m, p in zip(weights(mirrored), weights(plain)):
+        np.testing.assert_allclose(m, p, rtol=1e-6)
+
+
 def test_unknown_task_map_is_an_input_error():
     with pytest.raises(InputError, match="unknown task_map 'loop'; choose vectorized or map"):
         trainer("loop")
