@@ -3,6 +3,9 @@
 What a meta-learning recipe needs around its algorithm (the algorithm itself, inner and
 outer loop, stays in the recipe, e.g. ``recipes/maml.py``):
 
+- the machinery around a gradient-based meta-learner: :class:`MetaTrainer` (many meta-steps
+  per compiled call, the meta-batch split across replicas, the tasks of a batch mapped inside
+  the graph, scoring after adaptation), :func:`check_meta_batch_split`, :func:`parse_steps`;
 - task families: :func:`sample_sinusoid_tasks` (numpy) and :func:`sinusoid_tasks_tf`
   (inside the graph) for the sinusoid regression of Finn et al. 2017 (MAML, section 5.1);
   :class:`EpisodeSampler` for N-way K-shot episodes of an image dataset (Vinyals et al.
@@ -36,6 +39,174 @@ from common import data, evaluation, loops
 from common.errors import InputError
 
 AMPLITUDE, PHASE, X_RANGE = (0.1, 5.0), (0.0, np.pi), (-5.0, 5.0)
+
+
+# --- The machinery around a meta-learning algorithm ------------------------------------
+
+TASK_MAPS = ("vectorized", "map")
+
+
+def parse_steps(spec: str, what: str) -> list[int]:
+    """Sorted distinct non-negative integers from a comma list such as ``"0,1,5,10"`` (adaptation steps, shots).
+
+    Raises ``InputError`` naming ``what`` if an entry is not an integer, a value is negative or
+    the list is empty.
+    """
+    try:
+        values = sorted({int(s) for s in str(spec).split(",") if s.strip()})
+    except ValueError:
+        raise InputError(f"cannot read {what} {spec!r}; write e.g. '0,1,5,10'") from None
+    if not values or min(values) < 0:
+        raise InputError(f"{what} {spec!r} must list non-negative integers")
+    return values
+
+
+def check_meta_batch_split(meta_batch: int, strategy, flag: str, strategy_name: str) -> None:
+    """Raise ``InputError`` unless ``meta_batch`` tasks split evenly across ``strategy``'s replicas.
+
+    :class:`MetaTrainer`'s distributed meta-step gives each replica an equal contiguous share;
+    ``flag`` and ``strategy_name`` (e.g. ``"--batch-size"``, ``"mirrored"``) name the cause.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if meta_batch % replicas:
+        raise InputError(f"{flag} {meta_batch}: under --strategy {strategy_name} the meta-batch is split across "
+                         f"{replicas} replicas and must be a multiple of that")  # fmt: skip
+
+
+class MetaTrainer:
+    """The machinery around a gradient-based meta-learner (MAML, Finn et al. 2017; Reptile, Nichol et al. 2018).
+
+    The algorithm lives in a subclass (``recipes/maml.py``'s ``MetaLearner``), which defines
+    ``meta_gradients(tasks) -> (loss, grads)`` (mean query loss of a meta-batch, a scalar, and
+    one gradient per ``model.trainable_variables`` entry, of its shape), ``meta_update(grads)``
+    (the outer step, with ``self.optimizer``), and, for :meth:`evaluate`, ``forward(params, x)``
+    and ``adapt(params, x, y, steps, first_order)`` (the inner loop on a list of weight tensors).
+    A batch of tasks is a tuple ``(xs, ys, xq, yq)`` whose leading axis is the task.
+
+    This class provides ``self.optimizer`` (Adam with the outer learning rate ``meta_lr``,
+    built under the strategy's scope), ``meta_step(tasks)`` (one compiled meta-step, XLA if
+    ``jit_compile``), :meth:`meta_train_loop` / :meth:`meta_train` (many meta-steps per call,
+    resumable), :meth:`map_tasks` and :meth:`evaluate`.
+
+    ``task_map``: how the tasks of a batch run inside the graph: ``"vectorized"``
+    (``tf.vectorized_map``: one batched op per layer, fastest for small MLPs) or ``"map"``
+    (``tf.map_fn``: a graph loop, faster to trace and to run for CNNs, whose per-task
+    convolution filters ``vectorized_map`` cannot batch); another value is an ``InputError``.
+
+    ``strategy`` (a ``tf.distribute`` strategy whose scope built ``model``; with one replica only
+    the optimizer is built in its scope, the step is the plain one): the meta-batch is split across the replicas, each computes the meta-gradient of
+    its share of tasks, the meta-gradients are averaged over replicas (all-reduce) and one Adam
+    update is applied to the mirrored weights, as learn2learn's distributed MAML averages them
+    over workers. XLA is not used under a strategy (it does not span the replicas' devices).
+    """
+
+    def __init__(self, model: keras.Model, score_fn, meta_lr: float = 1e-3, task_map: str = "vectorized",
+                 jit_compile: bool = False, strategy=None):  # fmt: skip
+        if task_map not in TASK_MAPS:
+            raise InputError(f"unknown task_map {task_map!r}; choose vectorized or map")
+        self.model, self.score_fn, self.task_map = model, score_fn, task_map
+        self.strategy = strategy if strategy is not None and strategy.num_replicas_in_sync > 1 else None
+        with (strategy or tf.distribute.get_strategy()).scope():  # where the model's variables live
+            self.optimizer = keras.optimizers.Adam(meta_lr)
+            self.optimizer.build(model.trainable_variables)
+        self.jit_compile = jit_compile and self.strategy is None  # XLA does not span the replicas' devices
+        self.meta_step = tf.function(self._step(), jit_compile=self.jit_compile)
+        self.evaluate_batch = tf.function(self._evaluate_batch)
+
+    def meta_gradients(self, tasks):
+        raise NotImplementedError("a MetaTrainer subclass defines its algorithm's meta_gradients(tasks)")
+
+    def meta_update(self, grads):
+        raise NotImplementedError("a MetaTrainer subclass defines its algorithm's meta_update(grads)")
+
+    def map_tasks(self, fn, tasks, output_signature):
+        """``fn(task)`` on every task of the batch inside the graph (no Python loop at run time), stacked on axis 0.
+
+        ``output_signature`` (``tf.TensorSpec`` structure of one task's result) is used by ``tf.map_fn``.
+        """
+        if self.task_map == "vectorized":
+            return tf.vectorized_map(fn, tasks)
+        return tf.map_fn(fn, tasks, fn_output_signature=output_signature)
+
+    def _step(self):
+        return self._meta_step if self.strategy is None else self._distributed_meta_step
+
+    def _meta_step(self, tasks):
+        loss, grads = self.meta_gradients(tasks)
+        self.meta_update(grads)
+        return loss
+
+    def _distributed_meta_step(self, tasks):
+        """One meta-step with the meta-batch split across the strategy's replicas (every replica gets the
+        whole batch and takes its own contiguous share, so all workers must draw the same batches)."""
+
+        def replica_step(tasks):
+            context = tf.distribute.get_replica_context()
+            replicas = context.num_replicas_in_sync
+            share = tf.shape(tasks[0])[0] // replicas
+            start = tf.cast(context.replica_id_in_sync_group, tf.int32) * share
+            loss, grads = self.meta_gradients(tuple(t[start : start + share] for t in tasks))
+            # Keras' optimizer all-reduces the gradients with a SUM over replicas (as fit does with
+            # per-replica losses scaled by 1/replicas): each replica passes its share of the mean.
+            self.meta_update([g / replicas for g in grads])
+            return loss
+
+        losses = self.strategy.run(replica_step, args=(tasks,))
+        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
+
+    def meta_train_loop(self, sample_tasks, in_graph: bool = True):
+        """``run(n)``: n meta-steps per call, returning their mean loss (a scalar tensor).
+
+        ``in_graph``: ``sample_tasks()`` returns a batch of tasks from inside the graph
+        (:func:`sinusoid_tasks_tf`) and the n steps run in one (XLA-compiled if ``jit_compile``)
+        graph: Python is entered once per call, not once per meta-iteration
+        (``loops.compiled_loop``). Otherwise ``sample_tasks()`` draws the batch in Python
+        (e.g. numpy episodes) and each step is one call of the compiled ``meta_step``.
+        """
+        if in_graph:
+            step = self._step()
+            return loops.compiled_loop(lambda: step(sample_tasks()), self.jit_compile)
+
+        def run(n):
+            return tf.reduce_mean([self.meta_step(sample_tasks()) for _ in range(n)])
+
+        return run
+
+    def meta_train(self, sample_tasks, iterations: int, label: str, in_graph: bool = True, backup_dir=None,
+                   **state) -> dict:  # fmt: skip
+        """``iterations`` meta-steps (:meth:`meta_train_loop`) with progress; returns the loss history.
+
+        ``backup_dir``: after every call, a checkpoint of the weights, the optimizer, the step and
+        ``state`` (e.g. the task generator, ``generator=tf.random.Generator``); a rerun resumes
+        there (``loops.run_with_progress``, which also raises its errors).
+        """
+        track = dict(model=self.model, optimizer=self.optimizer, **state)
+        return loops.run_with_progress(self.meta_train_loop(sample_tasks, in_graph), iterations, label,
+                                       backup_dir=backup_dir, track=track)  # fmt: skip
+
+    def _evaluate_batch(self, tasks, steps: tuple[int, ...]):
+        """Score on the query set after each number of SGD steps in ``steps``: shape (tasks, len(steps))."""
+        params = [v.value for v in self.model.trainable_variables]
+
+        def one_task(task):
+            xs, ys, xq, yq = task
+            scores, adapted = [], params
+            for step in range(max(steps) + 1):
+                if step in steps:
+                    scores.append(self.score_fn(yq, self.forward(adapted, xq)))
+                if step < max(steps):
+                    adapted = self.adapt(adapted, xs, ys, 1, first_order=True)
+            return tf.stack(scores)
+
+        return self.map_tasks(one_task, tasks, tf.TensorSpec([len(steps)], tf.float32))
+
+    def evaluate(self, tasks, steps: list[int], chunk: int = 100) -> np.ndarray:
+        """Meta-test: per-task ``score_fn`` on the query set after each number of adaptation steps in ``steps``.
+
+        Each task adapts alone from the current weights with one-step ``adapt`` calls on its support
+        set; returns shape (n_tasks, len(steps)), float32, computed ``chunk`` tasks per compiled call.
+        """
+        return evaluate_in_chunks(self.evaluate_batch, tasks, steps, chunk)
 
 
 # --- Task families --------------------------------------------------------------------

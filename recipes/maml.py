@@ -47,13 +47,15 @@ import tensorflow as tf
 
 from common import distributed, evaluation, loops, meta
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
-from common.meta import (  # the task families, models and losses of the MAML paper
+from common.meta import (  # the task families, models and losses of the MAML paper; the meta-training machinery
     EpisodeSampler,
+    MetaTrainer,
     accuracy,
     build_conv4,
     build_sinusoid_model,
     cross_entropy,
     mse,
+    parse_steps,
     sample_sinusoid_tasks,
     sinusoid_tasks_tf,
 )
@@ -119,16 +121,6 @@ class Config(RecipeConfig):
 # --- Validation -------------------------------------------------------------------
 
 
-def parse_steps(spec: str, what: str) -> list[int]:
-    try:
-        values = sorted({int(s) for s in str(spec).split(",") if s.strip()})
-    except ValueError:
-        raise InputError(f"cannot read {what} {spec!r}; write e.g. '0,1,5,10'") from None
-    if not values or min(values) < 0:
-        raise InputError(f"{what} {spec!r} must list non-negative integers")
-    return values
-
-
 def check_config(config: Config) -> None:
     """Every error a bad flag can cause, raised before any data is loaded or trained on."""
     if config.algorithm not in ALGORITHMS:
@@ -154,24 +146,16 @@ def check_config(config: Config) -> None:
 # --- The meta-learner ---------------------------------------------------------------
 
 
-class MetaLearner:
-    """MAML / first-order MAML / Reptile around any Keras model, with a compiled meta-step.
+class MetaLearner(MetaTrainer):
+    """MAML / first-order MAML / Reptile around any Keras model.
 
     A batch of tasks is a tuple ``(xs, ys, xq, yq)`` whose leading axis is the task.
     The model's weights are never assigned during the inner loop: ``stateless_call``
     runs the model on a list of adapted tensors instead, so gradients flow through the
-    inner updates to the shared initialisation.
-
-    ``task_map`` says how the tasks of a batch run inside the compiled step:
-    ``"vectorized"`` (``tf.vectorized_map``: one batched op per layer, fastest for small
-    MLPs) or ``"map"`` (``tf.map_fn``: a graph loop, faster to trace and to run for CNNs,
-    whose per-task convolution filters ``vectorized_map`` cannot batch).
-
-    ``strategy`` (a ``tf.distribute`` strategy whose scope built ``model``): the meta-batch
-    is split across the replicas, each computes the meta-gradient of its share of tasks,
-    the meta-gradients are averaged over replicas (all-reduce) and one Adam update is
-    applied to the mirrored weights, as learn2learn's distributed MAML averages them
-    over workers.
+    inner updates to the shared initialisation. ``common.meta.MetaTrainer`` runs the
+    algorithm: compiled ``meta_step``, ``meta_train`` (many meta-steps per call), the tasks
+    of a batch mapped inside the graph (``task_map``), the meta-batch split across the
+    replicas of ``strategy``, and ``evaluate`` (scores after adaptation on new tasks).
     """
 
     def __init__(self, model: keras.Model, loss_fn, score_fn, algorithm: str = "maml", alpha: float = 0.01,
@@ -181,18 +165,8 @@ class MetaLearner:
             raise InputError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if not alpha > 0 or not inner_steps > 0:
             raise InputError(f"alpha and inner_steps must be positive, got {alpha} and {inner_steps}")
-        if task_map not in ("vectorized", "map"):
-            raise InputError(f"unknown task_map {task_map!r}; choose vectorized or map")
-        self.model, self.loss_fn, self.score_fn = model, loss_fn, score_fn
-        self.algorithm, self.alpha, self.inner_steps, self.task_map = algorithm, alpha, inner_steps, task_map
-        self.strategy = strategy if strategy is not None and strategy.num_replicas_in_sync > 1 else None
-        with (self.strategy or tf.distribute.get_strategy()).scope():
-            self.optimizer = keras.optimizers.Adam(meta_lr)
-            self.optimizer.build(model.trainable_variables)
-        self.jit_compile = jit_compile and self.strategy is None  # XLA does not span the replicas' devices
-        step = self._meta_step if self.strategy is None else self._distributed_meta_step
-        self.meta_step = tf.function(step, jit_compile=self.jit_compile)
-        self.evaluate_batch = tf.function(self._evaluate_batch)
+        self.loss_fn, self.algorithm, self.alpha, self.inner_steps = loss_fn, algorithm, alpha, inner_steps
+        super().__init__(model, score_fn, meta_lr, task_map, jit_compile, strategy)
 
     # The inner loop.
 
@@ -217,19 +191,12 @@ class MetaLearner:
             params = [p - self.alpha * g for p, g in zip(params, grads)]
         return params
 
-    def map_tasks(self, fn, tasks, output_signature):
-        """``fn`` on every task of the batch, inside the graph (no Python loop at run time)."""
-        if self.task_map == "vectorized":
-            return tf.vectorized_map(fn, tasks)
-        return tf.map_fn(fn, tasks, fn_output_signature=output_signature)
-
     # The outer loop.
 
-    def meta_gradients(self, tasks, algorithm: str | None = None):
+    def meta_gradients(self, tasks):
         """Mean query loss after adaptation over the batch of tasks, and its gradient w.r.t. the initial weights."""
-        algorithm = algorithm or self.algorithm
         params = [v.value for v in self.model.trainable_variables]
-        if algorithm == "reptile":
+        if self.algorithm == "reptile":
             # Reptile: adapt on the whole task (support + query), move towards the adapted weights.
             def reptile_task(task):
                 xs, ys, xq, yq = task
@@ -241,7 +208,7 @@ class MetaLearner:
             differences, losses = self.map_tasks(reptile_task, tasks, signature)
             return tf.reduce_mean(losses), [tf.reduce_mean(d, axis=0) / self.alpha for d in differences]
 
-        first_order = algorithm == "fomaml"
+        first_order = self.algorithm == "fomaml"
 
         def task_gradient(task):
             # Each task's query loss after adaptation, and its gradient w.r.t. the initial weights.
@@ -262,77 +229,23 @@ class MetaLearner:
         losses, grads = self.map_tasks(task_gradient, tasks, signature)
         return tf.reduce_mean(losses), [tf.reduce_mean(g, axis=0) for g in grads]
 
-    def _meta_step(self, tasks):
-        loss, grads = self.meta_gradients(tasks)
+    def meta_update(self, grads):
+        """The outer step: Adam (outer learning rate ``meta_lr``) on the meta-gradient."""
         self.optimizer.apply(grads, self.model.trainable_variables)
-        return loss
-
-    def _distributed_meta_step(self, tasks):
-        """One meta-step with the meta-batch split across the strategy's replicas (every replica gets the
-        whole batch and takes its own contiguous share, so all workers must draw the same batches)."""
-
-        def replica_step(tasks):
-            context = tf.distribute.get_replica_context()
-            replicas = context.num_replicas_in_sync
-            share = tf.shape(tasks[0])[0] // replicas
-            start = tf.cast(context.replica_id_in_sync_group, tf.int32) * share
-            loss, grads = self.meta_gradients(tuple(t[start : start + share] for t in tasks))
-            # Keras' optimizer all-reduces the gradients with a SUM over replicas (as fit does with
-            # per-replica losses scaled by 1/replicas): each replica passes its share of the mean.
-            self.optimizer.apply([g / replicas for g in grads], self.model.trainable_variables)
-            return loss
-
-        losses = self.strategy.run(replica_step, args=(tasks,))
-        return self.strategy.reduce(tf.distribute.ReduceOp.MEAN, losses, axis=None)
-
-    def meta_train_loop(self, sample_tasks):
-        """``run(n)``: n meta-steps per call in one (XLA-compiled if ``jit_compile``) graph; tasks drawn in it.
-
-        ``sample_tasks()`` returns a batch of tasks from inside the graph (``sinusoid_tasks_tf``);
-        Python is entered once per call, not once per meta-iteration (``common.loops``).
-        """
-        step = self._meta_step if self.strategy is None else self._distributed_meta_step
-        return loops.compiled_loop(lambda: step(sample_tasks()), self.jit_compile)
-
-    # Meta-test.
-
-    def _evaluate_batch(self, tasks, steps: tuple[int, ...]):
-        """Score on the query set after each number of SGD steps in ``steps``: shape (tasks, len(steps))."""
-        params = [v.value for v in self.model.trainable_variables]
-
-        def one_task(task):
-            xs, ys, xq, yq = task
-            scores, adapted = [], params
-            for step in range(max(steps) + 1):
-                if step in steps:
-                    scores.append(self.score_fn(yq, self.forward(adapted, xq)))
-                if step < max(steps):
-                    adapted = self.adapt(adapted, xs, ys, 1, first_order=True)
-            return tf.stack(scores)
-
-        return self.map_tasks(one_task, tasks, tf.TensorSpec([len(steps)], tf.float32))
-
-    def evaluate(self, tasks, steps: list[int], chunk: int = 100) -> np.ndarray:
-        """Per-task scores (n_tasks, len(steps)) after each number of adaptation steps, ``chunk`` tasks a call."""
-        return meta.evaluate_in_chunks(self.evaluate_batch, tasks, steps, chunk)
 
 
 # --- Sinusoid: training and baseline --------------------------------------------------
 
 
 def meta_train_sinusoid(learner: MetaLearner, config: Config, backup_dir=None) -> dict:
-    """``iterations`` meta-steps on tasks sampled in the graph; returns the history (loss every 1%).
+    """``iterations`` meta-steps on tasks drawn in the graph; returns the history (loss every 1%).
 
-    ``backup_dir``: after every compiled call, a checkpoint of the weights, Adam, the step and the
-    task generator's state; a rerun resumes there (``loops.run_with_progress``).
+    ``backup_dir``: the weights, Adam, the step and the task generator checkpointed after every compiled call.
     """
     generator = tf.random.Generator.from_seed(config.seed)
-    run = learner.meta_train_loop(
-        lambda: sinusoid_tasks_tf(generator, config.batch_size, config.k, config.query_points)
-    )
-    track = dict(model=learner.model, optimizer=learner.optimizer, generator=generator)
-    return loops.run_with_progress(run, config.iterations, f"meta-train ({config.algorithm})",
-                                   backup_dir=backup_dir, track=track)  # fmt: skip
+    sample = lambda: sinusoid_tasks_tf(generator, config.batch_size, config.k, config.query_points)  # noqa: E731
+    return learner.meta_train(sample, config.iterations, f"meta-train ({config.algorithm})", backup_dir=backup_dir,
+                              generator=generator)  # fmt: skip
 
 
 def sinusoid_test_tasks(config: Config, num_query: int = 100):
@@ -394,23 +307,14 @@ def run_sinusoid(config: Config, start: float, strategy=None) -> dict:
 
 def meta_train_images(learner: MetaLearner, sampler: EpisodeSampler, shots: int, config: Config,
                       backup_dir=None) -> dict:  # fmt: skip
-    """``image_iterations`` meta-steps on episodes of the meta-train classes.
+    """``image_iterations`` meta-steps on episodes of the meta-train classes (drawn in numpy).
 
-    ``backup_dir``: after every call, a checkpoint of the weights, Adam, the step and the numpy
-    generator the episodes are drawn with; a rerun resumes there (``loops.run_with_progress``).
+    ``backup_dir``: the weights, Adam, the step and the episodes' numpy generator checkpointed after every call.
     """
     rng = np.random.default_rng(config.seed)
-
-    def run(n):  # n meta-steps on episodes drawn in numpy, their mean loss
-        losses = []
-        for _ in range(n):
-            xs, ys, xq, yq, _ = sampler.sample(config.image_batch_size, config.ways, shots, config.query, rng)
-            losses.append(learner.meta_step((xs, ys, xq, yq)))
-        return tf.reduce_mean(losses)
-
-    track = dict(model=learner.model, optimizer=learner.optimizer, rng=loops.NumpyRandomState(rng))
-    return loops.run_with_progress(run, config.image_iterations, f"meta-train ({config.algorithm}, {shots}-shot)",
-                                   backup_dir=backup_dir, track=track)  # fmt: skip
+    sample = lambda: sampler.sample(config.image_batch_size, config.ways, shots, config.query, rng)[:4]  # noqa: E731
+    return learner.meta_train(sample, config.image_iterations, f"meta-train ({config.algorithm}, {shots}-shot)",
+                              in_graph=False, backup_dir=backup_dir, rng=loops.NumpyRandomState(rng))  # fmt: skip
 
 
 def run_images(config: Config, start: float, strategy=None) -> dict:
@@ -459,10 +363,8 @@ def run_images(config: Config, start: float, strategy=None) -> dict:
         variants[config.algorithm][key], variants[config.algorithm]["ci95"][key] = mean, half
         variants[config.algorithm]["by_steps"][key] = {s: float(scores[:, i].mean()) for i, s in enumerate(steps)}
         for name in ("pretrained", config.algorithm):
-            figure = variants[name]
-            print(
-                f"  {config.ways}-way {shots}-shot  {name:<10}  {100 * figure[key]:.1f}% +- {100 * figure['ci95'][key]:.1f}"
-            )
+            mean, half = variants[name][key], variants[name]["ci95"][key]
+            print(f"  {config.ways}-way {shots}-shot  {name:<10}  {100 * mean:.1f}% +- {100 * half:.1f}")
 
     headline = f"accuracy_{all_shots[0]}_shot"
     record = evaluation.metrics_record(
@@ -490,11 +392,8 @@ def run(config: Config) -> dict:
     set_seed(config.seed)
     strategy = make_strategy(config.strategy)
     image = config.dataset != SINUSOID
-    meta_batch = config.image_batch_size if image else config.batch_size
-    if meta_batch % strategy.num_replicas_in_sync:
-        flag = "--image-batch-size" if image else "--batch-size"
-        raise InputError(f"{flag} {meta_batch}: under --strategy {config.strategy} the meta-batch is split across "
-                         f"{strategy.num_replicas_in_sync} replicas and must be a multiple of that")  # fmt: skip
+    meta_batch, flag = (config.image_batch_size, "--image-batch-size") if image else (config.batch_size, "--batch-size")
+    meta.check_meta_batch_split(meta_batch, strategy, flag, config.strategy)
     return (run_images if image else run_sinusoid)(config, start, strategy)
 
 

@@ -1,4 +1,7 @@
-"""MAML recipe: meta-gradients, the episode sampler, bad input, short end-to-end runs, the notebook."""
+"""MAML recipe: meta-gradients, the meta-batch split across replicas, bad input, short runs, resuming, the notebook.
+
+The machinery in common.meta (MetaTrainer, the episode sampler) has its unit tests in tests/test_meta.py.
+"""
 
 from __future__ import annotations
 
@@ -90,14 +93,6 @@ def test_evaluation_scores_each_task_alone_whatever_the_chunk():
     assert set(summary["ci95"]) == {"mse_after_0_steps", "mse_after_1_step", "mse_after_3_steps"}
 
 
-def test_phase_timer_keeps_each_phase(capsys):
-    timer = meta.PhaseTimer()
-    timer.lap("a")
-    timer.lap("b")
-    assert list(timer.seconds) == ["a", "b"] and all(s >= 0 for s in timer.seconds.values())
-    assert "[a: " in capsys.readouterr().out
-
-
 # --- The meta-batch split across replicas (--strategy mirrored) --------------------------
 
 # Run in a process of its own: the two logical CPU devices must be configured before TensorFlow starts.
@@ -175,48 +170,6 @@ def test_meta_batch_must_split_evenly_across_replicas(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"--batch-size 25: .* split across 2 replicas and must be a multiple"):
         maml.run(maml.Config(strategy="mirrored", out=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
-
-
-# --- The episode sampler --------------------------------------------------------------
-
-
-def coded_images(classes: int = 10, per_class: int = 12):
-    """Images whose pixels all equal (class * 100 + index) / 10_000: every image names its class."""
-    labels = np.repeat(np.arange(classes), per_class)
-    codes = labels * 100 + np.tile(np.arange(per_class), classes)
-    images = np.broadcast_to((codes / 10_000.0).astype(np.float32)[:, None, None, None], (len(codes), 4, 4, 1))
-    return np.ascontiguousarray(images), labels
-
-
-def decode(images: np.ndarray) -> np.ndarray:
-    return np.rint(images[..., 0, 0, 0] * 10_000).astype(int) // 100
-
-
-def test_episode_sampler_draws_disjoint_classes_and_the_asked_for_counts():
-    images, labels = coded_images()
-    train = meta.EpisodeSampler(images, labels, [0, 1, 2, 3, 4])
-    xs, ys, xq, yq, drawn = train.sample(50, ways=3, shots=2, query=4, rng=np.random.default_rng(0))
-    assert xs.shape == (50, 6, 4, 4, 1) and xq.shape == (50, 12, 4, 4, 1)
-    assert ys.shape == (50, 6) and yq.shape == (50, 12)
-    for e in range(50):
-        classes = [c for c, _ in drawn[e]]
-        assert len(set(classes)) == 3
-        assert set(classes) <= {0, 1, 2, 3, 4}  # never a meta-test class
-        support, query = decode(xs[e]), decode(xq[e])
-        for label, c in enumerate(classes):
-            assert (support[ys[e] == label] == c).all() and (ys[e] == label).sum() == 2
-            assert (query[yq[e] == label] == c).all() and (yq[e] == label).sum() == 4
-        # support and query images of an episode are distinct examples
-        codes = np.rint(np.concatenate([xs[e], xq[e]])[..., 0, 0, 0] * 10_000).astype(int)
-        assert len(set(codes)) == len(codes)
-    assert {c for episode in drawn for c, _ in episode} == {0, 1, 2, 3, 4}
-
-
-def test_episode_sampler_rotations_are_extra_classes():
-    images, labels = coded_images(classes=2)
-    sampler = meta.EpisodeSampler(images, labels, [0, 1], rotations=True)
-    assert len(sampler.classes) == 8
-    sampler.check(ways=8, shots=1, query=1, side="meta-train")
 
 
 # --- Bad input -----------------------------------------------------------------------
