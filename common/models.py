@@ -410,6 +410,26 @@ def build_dann_cnn(input_shape: tuple[int, int, int], num_classes: int, bn_momen
     return keras.Model(inputs, layers.Dense(num_classes, name="classifier")(x), name=name)
 
 
+def features_and_logits(
+    classifier: keras.Model, x: np.ndarray, batch_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features and class logits of images ``x`` (N, H, W, C), in inference mode, as numpy arrays.
+
+    ``classifier`` is shaped like ``build_dann_cnn``'s: an input, a sub-model named ``"base"``
+    (the features, e.g. (N, 100)), then the head's layers in order (logits, (N, classes)).
+    Plain calls in batches of ``batch_size``: eager, so repeated evaluations trace no graph.
+    Raises ``ValueError`` (Keras) if the model has no layer named ``"base"``.
+    """
+    base = classifier.get_layer("base")
+    head = keras.Sequential(classifier.layers[2:])  # the layers after the input and the base
+    features, logits = [], []
+    for start in range(0, len(x), batch_size):
+        batch_features = base(x[start : start + batch_size], training=False)
+        features.append(keras.ops.convert_to_numpy(batch_features))
+        logits.append(keras.ops.convert_to_numpy(head(batch_features, training=False)))
+    return np.concatenate(features), np.concatenate(logits)
+
+
 def batchnorm_layers(model: keras.Model) -> list[layers.BatchNormalization]:
     """Every BatchNormalization layer of ``model``, nested models included, in the order of ``model.layers``."""
     found = []

@@ -49,6 +49,7 @@ from keras import layers
 
 from common import data, evaluation, models
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
+from common.domains import Domains, load_domain_pair
 from common.layers import AnnealedLearningRate, GradientReversal
 
 VARIANTS = ("source_only", "adabn", "dann", "target_oracle")
@@ -86,117 +87,29 @@ class Config(RecipeConfig):
 # --- Steps ------------------------------------------------------------------------
 
 
-def load_domain(name: str, config: Config) -> data.Dataset:
-    """``data.load_dataset(name)``: a folder with an unreadable or empty class is an ``InputError`` naming it."""
-    return data.load_dataset(name, image_size=config.image_size or None, seed=config.seed)
+def load_domains(config: Config) -> Domains:
+    """Source and target (``common.domains``): the same classes, training images drawn with the seed, one shape.
 
-
-def load_domains(config: Config) -> tuple[data.Dataset, data.Dataset]:
-    """The source and target datasets, checked: the same class names, training and test images in both."""
-    source = load_domain(config.dataset, config)
-    target = load_domain(config.target_dataset, config)
-    data.check_same_classes(source, target)
-    for role, dataset in (("source", source), ("target", target)):
-        if len(dataset.x_train) == 0 or len(dataset.x_test) == 0:
-            raise InputError(f"{role} dataset {dataset.name!r} has {len(dataset.x_train)} training and "
-                             f"{len(dataset.x_test)} test images; it needs both")  # fmt: skip
-    return source, target
-
-
-# fashion_mnist_m renders fashion_mnist's own images, in the same order.
-RENDERINGS = {("fashion_mnist", "fashion_mnist_m")}
-
-
-def draw_training_images(source: data.Dataset, target: data.Dataset, config: Config) -> dict[str, np.ndarray]:
-    """Indices of the source and target training images, drawn with the seed.
-
-    When the target renders the source's own images (``RENDERINGS``: the default pair), the
-    two draws are disjoint, so no garment appears in both domains.
+    Both RGB at the target's size; with the default pair (the target renders the source's
+    images) no image is drawn into both domains. Bad input is an ``InputError`` here.
     """
-    rng = np.random.default_rng(config.seed)
-    n_source, n_target = len(source.x_train), len(target.x_train)
-    want_source = min(config.source_images or n_source, n_source)
-    want_target = min(config.target_images or n_target, n_target)
-    if (config.dataset, config.target_dataset) in RENDERINGS:
-        order = rng.permutation(n_source)
-        want_source = min(want_source, n_source // 2) if want_source + want_target > n_source else want_source
-        return {"source": np.sort(order[:want_source]),
-                "target": np.sort(order[want_source : want_source + want_target])}  # fmt: skip
-    return {"source": np.sort(rng.choice(n_source, want_source, replace=False)),
-            "target": np.sort(rng.choice(n_target, want_target, replace=False))}  # fmt: skip
-
-
-@dataclass
-class Domains:
-    """The arrays every variant uses, all RGB at the target's image size (float32 in [0, 1])."""
-
-    x_source: np.ndarray  # labelled source training images
-    y_source: np.ndarray
-    x_target: np.ndarray  # unlabelled target training images
-    y_target_hidden: np.ndarray  # their labels: read by the target_oracle only
-    x_test: np.ndarray  # target test images: every variant's accuracy
-    y_test: np.ndarray
-    x_source_test: np.ndarray  # source test images: the A-distance and the source accuracy
-    y_source_test: np.ndarray
-    class_names: list[str]
-    indices: dict[str, np.ndarray]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_target.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-
-def prepare_domains(source: data.Dataset, target: data.Dataset, config: Config) -> Domains:
-    """Draw the training images, and put both domains into one input shape.
-
-    One network takes both domains: RGB at the target's size; grey images (Fashion-MNIST)
-    get three equal channels, as DANN implementations feed MNIST next to MNIST-M. Up to
-    2,000 source test images (``--test-images`` if fewer) measure the A-distance and the
-    accuracy left on the source.
-    """
-    shape = (*target.input_shape[:2], 3)
-    drawn = draw_training_images(source, target, config)
-    rng = np.random.default_rng(config.seed)
-    test = np.arange(len(target.x_test))
-    if config.test_images:
-        test = np.sort(rng.permutation(len(test))[: config.test_images])
-    source_test = np.sort(rng.permutation(len(source.x_test))[: min(config.test_images or 2000, 2000)])
-    return Domains(
-        x_source=data.to_input_shape(source.x_train[drawn["source"]], shape),
-        y_source=source.y_train[drawn["source"]],
-        x_target=data.to_input_shape(target.x_train[drawn["target"]], shape),
-        y_target_hidden=target.y_train[drawn["target"]],
-        x_test=data.to_input_shape(target.x_test[test], shape),
-        y_test=target.y_test[test],
-        x_source_test=data.to_input_shape(source.x_test[source_test], shape),
-        y_source_test=source.y_test[source_test],
-        class_names=list(target.class_names),
-        indices=drawn,
-    )
+    return load_domain_pair(config.dataset, config.target_dataset, config.source_images, config.target_images,
+                            config.test_images, image_size=config.image_size, seed=config.seed)  # fmt: skip
 
 
 def optimizer(config: Config) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(AnnealedLearningRate(config.learning_rate, config.steps), momentum=0.9)
 
 
-def build_classifier(shape: tuple[int, int, int], num_classes: int, config: Config, name: str) -> keras.Model:
+def build_classifier(shape: tuple[int, int, int], num_classes: int, name: str) -> keras.Model:
     """DANN's digit CNN with BatchNorm (``common.models.build_dann_cnn``): base (features) -> MLP head -> logits."""
     return models.build_dann_cnn(shape, num_classes, name=name)
-
-
-def feature_model(classifier: keras.Model) -> keras.Model:
-    """The classifier's base: images -> features (N, 100), the representation DANN aligns."""
-    return classifier.get_layer("base")
 
 
 def train_classifier(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, config: Config, strategy):
     """``source_only`` on source labels, or ``target_oracle`` on target labels: same network and steps."""
     with strategy.scope():
-        model = build_classifier(x.shape[1:], num_classes, config, name)
+        model = build_classifier(x.shape[1:], num_classes, name)
         model.compile(optimizer(config), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])  # fmt: skip
     print(f"[{name}] training on {len(x)} labelled images, {config.steps} steps")
@@ -213,7 +126,7 @@ def build_dann(classifier: keras.Model, config: Config) -> keras.Model:
     means target). Every weight of ``classifier`` is shared. This is the model saved as
     ``model.keras``.
     """
-    base = feature_model(classifier)
+    base = classifier.get_layer("base")  # the features: (N, 100)
     features = keras.Input(base.output_shape[1:])
     class_logits = features
     for layer in classifier.layers[2:]:  # the class head: every layer after the input and the base, in order
@@ -294,7 +207,7 @@ def train_dann(domains: Domains, config: Config, strategy) -> tuple[keras.Model,
     """
     per_domain = config.dann_batchnorm == "per_domain"
     with strategy.scope():
-        classifier = build_classifier(domains.shape, domains.num_classes, config, "dann_classifier")
+        classifier = build_classifier(domains.shape, domains.num_classes, "dann_classifier")
         dann = build_dann(classifier, config)
         trainer = DomainAdversarialTrainer(dann, per_domain_batchnorm=per_domain)
         trainer.compile(optimizer(config))
@@ -311,7 +224,7 @@ def train_dann(domains: Domains, config: Config, strategy) -> tuple[keras.Model,
 
 def with_statistics_of(model: keras.Model, images: np.ndarray, config: Config, name: str) -> keras.Model:
     """A copy of ``model`` whose BatchNorm moving statistics are those of ``images`` (AdaBN's step)."""
-    copy = build_classifier(images.shape[1:], model.output_shape[-1], config, name)
+    copy = build_classifier(images.shape[1:], model.output_shape[-1], name)
     copy.set_weights(model.get_weights())
     models.adapt_batchnorm(copy, images)
     return copy
@@ -337,27 +250,10 @@ def source_views(trained: dict[str, keras.Model], domains: Domains, config: Conf
     return views
 
 
-def features_and_logits(
-    classifier: keras.Model, x: np.ndarray, batch_size: int = 1000
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features (N, 100) and class logits (N, classes) of ``x``, in inference mode.
-
-    Plain calls in batches: eager, so the eight evaluations of a run trace no graph.
-    """
-    base = feature_model(classifier)
-    head = keras.Sequential(classifier.layers[2:])  # the layers after the input and the base
-    features, logits = [], []
-    for start in range(0, len(x), batch_size):
-        batch_features = base(x[start : start + batch_size], training=False)
-        features.append(keras.ops.convert_to_numpy(batch_features))
-        logits.append(keras.ops.convert_to_numpy(head(batch_features, training=False)))
-    return np.concatenate(features), np.concatenate(logits)
-
-
 def evaluate(trained: dict[str, keras.Model], domains: Domains, config: Config) -> tuple[dict, dict]:
     """Every variant's target test accuracy, gap closed and proxy A-distance; and the features behind it.
 
-    The A-distance uses up to 2,000 test images of each domain, features from ``feature_model``
+    The A-distance uses up to 2,000 test images of each domain, features from the ``base`` sub-model
     (source images through ``source_views``). Returns (variants, features): features maps a
     variant to (source features, target features).
     """
@@ -365,8 +261,8 @@ def evaluate(trained: dict[str, keras.Model], domains: Domains, config: Config) 
     k = domains.num_classes
     on_source = source_views(trained, domains, config)
     for name, model in trained.items():
-        target_features, target_logits = features_and_logits(model, domains.x_test)
-        source_features, source_logits = features_and_logits(on_source.get(name, model), domains.x_source_test)
+        target_features, target_logits = models.features_and_logits(model, domains.x_test)
+        source_features, source_logits = models.features_and_logits(on_source.get(name, model), domains.x_source_test)
         predicted = target_logits.argmax(axis=1)
         report = {
             "test_accuracy": evaluation.accuracy(domains.y_test, predicted),
@@ -424,9 +320,7 @@ def run(config: Config) -> dict:
     set_seed(config.seed)
     strategy = make_strategy(config.strategy)
 
-    source, target = load_domains(config)
-    domains = prepare_domains(source, target, config)
-    del source, target  # the full datasets; the drawn images are in `domains`
+    domains = load_domains(config)
     run_dir = evaluation.make_run_dir("domain_adaptation", config.out)
     print(f"{len(domains.x_source)} labelled source + {len(domains.x_target)} unlabelled target training images, "
           f"{len(domains.x_test)} target test images, input {domains.shape}\nrun folder: {run_dir}")  # fmt: skip

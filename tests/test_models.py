@@ -220,3 +220,15 @@ def test_unfreeze_base_top_unfreezes_inside_the_model_and_recompiles():
     assert models.unfreeze_base_top(model, 2, 1e-4) == ["block3_conv2"]  # conv and BN: BN stays frozen
     assert base.get_layer("block3_conv2").trainable and not base.get_layer("block3_conv1").trainable
     assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1e-4)
+
+
+def test_features_and_logits_match_the_base_and_the_whole_model_in_inference_mode():
+    keras.utils.set_random_seed(0)
+    model = models.build_dann_cnn((12, 12, 3), 4)
+    x = np.random.default_rng(0).uniform(size=(7, 12, 12, 3)).astype("float32")
+    features, logits = models.features_and_logits(model, x, batch_size=3)  # three batches: 3 + 3 + 1
+    assert features.shape == (7, 100) and logits.shape == (7, 4)
+    np.testing.assert_allclose(features, model.get_layer("base")(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logits, model(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="base"):
+        models.features_and_logits(models.build_cnn((28, 28, 1), 2), x)
