@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import data, models
+from common import data, distributed, models
 from common.errors import InputError, MissingInputError
 
 CACHE_DIR_ENV = "RECIPES_CACHE_DIR"
@@ -528,6 +528,29 @@ def fresh_copy(base: Base) -> Base:
     model = keras.models.clone_model(base.model)
     model.set_weights(base.model.get_weights())
     return Base(base.spec, model, base.preprocess, base.input_shape, dict(base.info))
+
+
+def load_for_strategy(load: Callable[[], Base], strategy, trainable: bool = False) -> Base:
+    """The :class:`Base` that ``load()`` returns (loaded, or pretrained and cached), placed for ``strategy``.
+
+    ``load``: no arguments (e.g. ``lambda: load_base(...)``); it may pretrain a source-cnn
+    with ``model.fit``. ``strategy``: a ``tf.distribute.Strategy``. Where
+    ``distributed.uses_fit(strategy)`` (every strategy but ``MultiWorkerMirroredStrategy``),
+    ``load`` runs in ``strategy.scope()`` and the base is returned as it is. Under
+    multi_worker, where ``fit`` fails (keras-team/keras#20585), every worker runs ``load``
+    outside the strategy (plain ``fit``, seed 0: the same base on every worker); with
+    ``trainable=True`` (a recipe that trains the base, e.g. fine-tuning) the base is then
+    copied (:func:`fresh_copy`) in ``strategy.scope()``, so that its weights are the
+    strategy's replicated variables; a frozen base (``trainable=False``) is returned as loaded.
+    Errors are those of ``load``.
+    """
+    multi_worker = not distributed.uses_fit(strategy)
+    with (tf.distribute.get_strategy() if multi_worker else strategy).scope():
+        base = load()
+    if multi_worker and trainable:
+        with strategy.scope():
+            base = fresh_copy(base)
+    return base
 
 
 def weight_blocks(model: keras.Model) -> list[list[str]]:

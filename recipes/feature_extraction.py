@@ -45,7 +45,6 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import layers
 
 from common import bases, data, distributed, evaluation, models
@@ -176,10 +175,9 @@ def run(config: Config) -> dict:
     x, y, x_test, y_test = pick_budget(target, config)
     print(f"source task: {source}\ntarget task: {target}")
 
-    # Under multi_worker every worker pretrains (or loads) the same base with plain fit, seed 0,
-    # outside the strategy: the base is frozen, only the head and the baseline train distributed.
-    with (strategy if distributed.uses_fit(strategy) else tf.distribute.get_strategy()).scope():
-        base = load_pretrained_base(config, source)
+    # Under multi_worker every worker pretrains (or loads) the same base outside the strategy:
+    # the base is frozen, only the head and the baseline train distributed.
+    base = bases.load_for_strategy(lambda: load_pretrained_base(config, source), strategy)
     backup = distributed.Backup(config.backup_dir)
     run_dir = evaluation.make_run_dir("feature_extraction", config.out)  # after every input error
     print(f"base: {base}\nrun folder: {run_dir}")

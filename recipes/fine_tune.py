@@ -1,47 +1,42 @@
 """Fine-tuning: train a new head on a frozen base, then unfreeze the top of the base.
 
-Feature extraction (``recipes.feature_extraction``) keeps every pretrained weight. When
-the new task differs a little from the one the base learned, also adapting the top of
-the base helps. Done naively it wrecks the base: a freshly initialised head sends large
-gradients down. So, as in the Keras guide "Transfer learning & fine-tuning":
+Feature extraction keeps every pretrained weight. When the new task differs a little from
+the base's, also adapting the top of the base helps; done naively it wrecks the base (a
+new head sends large gradients down). So, as in the Keras guide "Transfer learning & fine-tuning":
 
 1. Phase 1 trains the head on the frozen base until it has converged (early stopping on
    a validation split, best weights restored).
-2. Phase 2 unfreezes the top of the base, either the top N layers with weights
-   (``--schedule top:N``) or gradually, one more block every ``--unfreeze-every`` epochs
-   from the top down (``--schedule gradual``), recompiles with a learning rate 10-100x
-   lower, and trains on. Every BatchNormalization layer stays frozen, which in Keras 3
-   also keeps it in inference mode (moving statistics used, never updated): updating its
-   statistics on a few dozen images would undo what pretraining learned.
+2. Phase 2 unfreezes the top of the base, the top N layers with weights (``--schedule
+   top:N``) or one more block every ``--unfreeze-every`` epochs from the top down
+   (``--schedule gradual``), recompiles with a learning rate 10-100x lower and trains on.
+   Every BatchNormalization layer stays frozen, in Keras 3 also in inference mode (moving
+   statistics used, never updated: updating them on a few dozen images would undo pretraining).
 
-When to use it: after feature extraction, when you can spare a few more minutes and
-have a validation split to tell whether it helped. With very few labels the gain over
-phase 1 is small and can be negative; this recipe reports it either way.
+When to use it: after feature extraction, with a few more minutes and a validation split to
+tell whether it helped. With very few labels the gain over phase 1 is small, maybe negative.
 
-What the default run does (``python -m recipes.fine_tune``): the base is a small
-BatchNorm CNN pretrained on Fashion-MNIST classes 0-4 and cached on disk (see
-``common/bases.py``); the target task is classes 5-9 with 10 labelled images per class,
-plus 10 more per class as the validation split (used for early stopping only, by every
-variant). Three variants are evaluated on the 5,000 test images of classes 5-9:
-``scratch`` (the same network trained from random weights on the same images, the
+The default run (``python -m recipes.fine_tune``): the base is a small BatchNorm CNN
+pretrained on Fashion-MNIST classes 0-4 and cached on disk (``common/bases.py``); the target
+task is classes 5-9 with 10 labelled images per class, plus 10 more per class as the
+validation split (early stopping only, for every variant). Evaluated on the 5,000 test images
+of classes 5-9: ``scratch`` (the same network from random weights on the same images, the
 baseline), ``head_only`` (phase 1 alone) and ``fine_tune`` (phase 1 then phase 2).
 
 ``--tune`` first runs a keras-tuner search (``--tuner hyperband`` or ``random``) over the
-phase-2 learning rate, the number of layers unfrozen and the head's dropout, within
-``--max-trials`` trials of at most ``--tune-epochs`` phase-2 epochs, writes the best
-values to ``best_hyperparameters.json`` in the run folder (the tuner's own files go to
-``tuner/`` there) and trains the final model with them.
+phase-2 learning rate, the number of layers unfrozen and the head's dropout (``--max-trials``
+trials of at most ``--tune-epochs`` phase-2 epochs), writes the best values to
+``best_hyperparameters.json`` (the tuner's files to ``tuner/``) and trains with them.
 
-``--strategy multi_worker`` (hosts from ``TF_CONFIG``, see README "More than one machine")
-trains phase 1, phase 2 and the baseline through ``common.distributed.train``, early
-stopping included; ``--backup-dir DIR`` makes every phase resumable. ``--tune`` is not
-distributed (keras-tuner's trials call ``fit``); see ``check_tune_strategy``.
+``--strategy multi_worker`` (hosts from ``TF_CONFIG``, README "More than one machine") trains
+phase 1, phase 2 and the baseline through ``common.distributed.train``, early stopping
+included; ``--backup-dir DIR`` makes every phase resumable. ``--tune`` is not distributed
+(keras-tuner's trials call ``fit``; see ``common.tuning.check_strategy``).
 
 Measured over seeds 0-4 (``--seed S``, two CPU cores shared with other jobs): fine-tuned
 86.2-90.3%, phase 1 alone 85.5-89.4%, scratch 80.3-88.7%. Phase 2 beat phase 1 on every
 seed (+0.7 to +1.0 points); the gain over scratch averaged +3.7 points and ranged from
-+1.6 to +7.4: the early-stopped scratch baseline is strong on these easy target classes.
-A run took 24-51 s once the base was cached (the first run adds its pretraining: 148 s on busy cores).
++1.6 to +7.4 (the early-stopped scratch baseline is strong on these easy classes). A run took
+24-51 s once the base was cached (the first run adds its pretraining: 148 s on busy cores).
 """
 
 from __future__ import annotations
@@ -54,10 +49,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import bases, data, distributed, evaluation, models
+from common import bases, data, distributed, evaluation, models, tuning
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
-
-TUNERS = ("hyperband", "random")
 
 
 @dataclass
@@ -263,30 +256,7 @@ def train_scratch(base: bases.Base, train, val, num_classes: int, config: Config
     return model, history
 
 
-def evaluate(model: keras.Model, x_test_prepared: np.ndarray, y_test: np.ndarray, num_classes: int) -> dict:
-    return evaluation.classification_report(model, x_test_prepared, y_test, num_classes)
-
-
 # --- keras-tuner ----------------------------------------------------------------------
-
-
-def check_tune_strategy(config: Config) -> None:
-    """``--tune`` runs only without ``--strategy multi_worker``: a clear error, before any training.
-
-    keras-tuner's trials train with ``model.fit``, which fails under
-    ``MultiWorkerMirroredStrategy`` (keras-team/keras#20585).
-    """
-    if config.tune and config.strategy == "multi_worker":
-        raise InputError(
-            "--tune with --strategy multi_worker: keras-tuner's trials train with model.fit, which fails under "
-            "MultiWorkerMirroredStrategy (keras-team/keras#20585), so the search is not distributed here; only "
-            "phase 1, phase 2 and the scratch baseline are. Search first without --strategy multi_worker (one "
-            "process, or keras-tuner's own distributed mode, which spreads whole trials over hosts: a chief oracle "
-            "and workers with KERASTUNER_TUNER_ID, KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT set, see "
-            "keras.io/keras_tuner/guides/distributed_tuning), then pass the best values from "
-            "best_hyperparameters.json (--dropout, --fine-tune-learning-rate, --schedule top:N) to the multi_worker "
-            "run without --tune"
-        )
 
 
 def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir) -> dict:
@@ -298,8 +268,6 @@ def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir
     """
     import keras_tuner as kt
 
-    if config.tuner not in TUNERS:
-        raise InputError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
     available = models.count_weighted_layers(base.model)
 
     class FineTuneModel(kt.HyperModel):
@@ -315,42 +283,15 @@ def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir
             unfreeze(model, hp.get("unfreeze_layers"), hp.get("fine_tune_learning_rate"))
             return model.fit(*args, **kwargs)
 
-    common = dict(objective="val_accuracy", directory=str(run_dir), project_name="tuner", overwrite=True,
-                  seed=config.seed)  # fmt: skip
-    if config.tuner == "hyperband":
-        tuner = without_tensorboard(kt.Hyperband)(
-            FineTuneModel(), max_epochs=max(2, config.tune_epochs), factor=3, **common
-        )
-        tuner.oracle.max_trials = config.max_trials  # Hyperband has no max_trials argument; the oracle honours it
-    else:
-        tuner = without_tensorboard(kt.RandomSearch)(FineTuneModel(), max_trials=config.max_trials, **common)
+    # Maximises val_accuracy; the tuner's own files go to run_dir/tuner.
+    tuner = tuning.make_tuner(FineTuneModel(), config.tuner, run_dir, max_trials=config.max_trials,
+                              max_epochs=config.tune_epochs, seed=config.seed)  # fmt: skip
     tuner.search(train, validation_data=val, epochs=config.tune_epochs, verbose=0)
-    best = {k: v for k, v in tuner.get_best_hyperparameters(1)[0].values.items() if not k.startswith("tuner/")}
-    trials = len(tuner.oracle.trials)
-    best_score = tuner.oracle.get_best_trials(1)[0].score
-    result = {"best": best, "val_accuracy": best_score, "trials": trials, "tuner": config.tuner}
+    result = tuning.best_trial(tuner, config.tuner)
     evaluation.write_json_atomic(run_dir / "best_hyperparameters.json", result)
-    print(f"  tuner ({config.tuner}, {trials} trials): best {json.dumps(best)}, val accuracy {best_score:.3f}")
+    print(f"  tuner ({config.tuner}, {result['trials']} trials): best {json.dumps(result['best'])}, "
+          f"val accuracy {result['val_accuracy']:.3f}")  # fmt: skip
     return result
-
-
-def without_tensorboard(tuner_class):
-    """``tuner_class``, usable without the ``tensorboard`` package.
-
-    keras-tuner imports tensorboard at every trial on the TensorFlow backend, only to patch
-    TensorBoard callbacks; we pass none, and TensorFlow 2.21 no longer installs it.
-    """
-    try:
-        import tensorboard  # noqa: F401
-
-        return tuner_class
-    except ImportError:
-
-        class Tuner(tuner_class):
-            def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
-                return None
-
-        return Tuner
 
 
 def apply_tuned(config: Config, best: dict) -> Config:
@@ -372,9 +313,10 @@ def run(config: Config) -> dict:
     start = time.perf_counter()
     bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut, config.base_layer)
     parse_schedule(config.schedule)
-    if config.tuner not in TUNERS:
-        raise InputError(f"unknown --tuner {config.tuner!r}; choose one of {', '.join(TUNERS)}")
-    check_tune_strategy(config)
+    tuning.check_tuner(config.tuner)
+    if config.tune:
+        tuning.check_strategy(config.strategy, "phase 1, phase 2 and the scratch baseline",
+                              "--dropout, --fine-tune-learning-rate, --schedule top:N")  # fmt: skip
     set_seed(config.seed)
     strategy = make_strategy(config.strategy)
 
@@ -384,13 +326,8 @@ def run(config: Config) -> dict:
         check_schedule(config, source)
     print(f"source task: {source}\ntarget task: {target}")
 
-    # Under multi_worker every worker pretrains (or loads) the same base with plain fit, seed 0, outside
-    # the strategy; its copy made in strategy.scope() holds the replicated weights that phase 2 trains.
-    with (strategy if distributed.uses_fit(strategy) else tf.distribute.get_strategy()).scope():
-        base = load_pretrained_base(config, source)
-    if not distributed.uses_fit(strategy):
-        with strategy.scope():
-            base = bases.fresh_copy(base)
+    # Under multi_worker: pretrained (or loaded) outside the strategy, then copied into its scope for phase 2.
+    base = bases.load_for_strategy(lambda: load_pretrained_base(config, source), strategy, trainable=True)
     check_schedule(config, source, base)
     backup = distributed.Backup(config.backup_dir)
     run_dir = evaluation.make_run_dir("fine_tune", config.out)  # after every input error
@@ -398,6 +335,9 @@ def run(config: Config) -> dict:
     n = target.num_classes
     ds = pipelines(splits, base, config)
     x_test, y_test = base.prepare(splits["test"][0]), splits["test"][1]
+
+    def report(model: keras.Model, **extra) -> dict:  # test accuracy, per class, confusion matrix
+        return evaluation.classification_report(model, x_test, y_test, n) | extra
 
     tuned = None
     if config.tune:
@@ -408,12 +348,12 @@ def run(config: Config) -> dict:
     with strategy.scope():
         model = build_model(base.model, n, config.dropout, config.learning_rate)
     phase1 = train_head(model, ds["train"], ds["val"], config, strategy, backup.phase("head"))
-    head_report = evaluate(model, x_test, y_test, n) | {"epochs": len(phase1["loss"])}
+    head_report = report(model, epochs=len(phase1["loss"]))
     print(f"  phase 1 (head only, {len(phase1['loss'])} epochs): test accuracy {head_report['test_accuracy']:.3f}")
 
     with strategy.scope():
         phase2, boundaries = fine_tune(model, ds["train"], ds["val"], config, len(phase1["loss"]), strategy, backup)
-    tuned_report = evaluate(model, x_test, y_test, n) | {"epochs": len(phase2["loss"]), "schedule": config.schedule}
+    tuned_report = report(model, epochs=len(phase2["loss"]), schedule=config.schedule)
     print(f"  phase 2 (fine-tuned): test accuracy {tuned_report['test_accuracy']:.3f}")
 
     set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
@@ -421,26 +361,15 @@ def run(config: Config) -> dict:
     fresh = pipelines(splits, base, config)
     scratch, scratch_history = train_scratch(base, fresh["train"], fresh["val"], n, config, strategy,
                                              backup.phase("scratch"))  # fmt: skip
-    scratch_report = evaluate(scratch, x_test, y_test, n) | {"epochs": len(scratch_history["loss"])}
+    scratch_report = report(scratch, epochs=len(scratch_history["loss"]))
     print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}")
 
     budget = {"labels_per_class": config.labels_per_class, "val_per_class": config.val_per_class}
-    variants = {
-        "scratch": scratch_report | budget,
-        "head_only": head_report | budget,
-        "fine_tune": tuned_report | budget,
-    }
-    record = evaluation.metrics_record(
-        "fine_tune",
-        config.dataset,
-        "test_accuracy",
-        "scratch",
-        variants,
-        time.perf_counter() - start,
-        base={k: v for k, v in base.info.items() if k != "settings"} | {"spec": config.base},
-        test_images=len(y_test),
-        tuned=tuned,
-    )
+    variants = dict(scratch=scratch_report | budget, head_only=head_report | budget, fine_tune=tuned_report | budget)
+    base_info = {k: v for k, v in base.info.items() if k != "settings"} | {"spec": config.base}
+    record = evaluation.metrics_record("fine_tune", config.dataset, "test_accuracy", "scratch", variants,
+                                       time.perf_counter() - start, base=base_info, test_images=len(y_test),
+                                       tuned=tuned)  # fmt: skip
     both = {key: phase1[key] + phase2.get(key, []) for key in phase1}
     histories = {"phase1": phase1, "phase2": phase2, "scratch": scratch_history}
     figures = {

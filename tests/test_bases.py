@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from common import bases, data, models
 from common.errors import InputError
@@ -279,3 +281,41 @@ def test_check_takes_images_names_the_candidate():
     odd = bases.Base("odd.keras", models.build_cnn((20, 20, 1), 2), lambda x: x, (28, 28, 1))
     with pytest.raises(InputError, match=r"candidate 'x' \(input \(28, 28, 1\)\) cannot take .* \(32, 32, 3\)"):
         bases.check_takes_images(odd, np.zeros((3, 32, 32, 3), "float32"), "candidate 'x'")
+
+
+def small_base() -> bases.Base:
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="conv")(inputs), name="base")
+    return bases.Base("test", model, lambda x: x, (8, 8, 1))
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_load_for_strategy_loads_in_the_strategy_where_fit_works(trainable):
+    strategy, loaded = tf.distribute.OneDeviceStrategy("/cpu:0"), []
+
+    def load():
+        assert tf.distribute.get_strategy() is strategy
+        loaded.append(small_base())
+        return loaded[-1]
+
+    assert bases.load_for_strategy(load, strategy, trainable=trainable) is loaded[0]
+
+
+def test_load_for_strategy_under_multi_worker_copies_a_trained_base_into_the_scope(monkeypatch):
+    from common import distributed
+
+    monkeypatch.setattr(distributed, "uses_fit", lambda strategy: False)  # the multi_worker path
+    strategy, loaded = tf.distribute.OneDeviceStrategy("/cpu:0"), []
+
+    def load():
+        assert tf.distribute.get_strategy() is not strategy  # plain fit, outside the strategy
+        loaded.append(small_base())
+        return loaded[-1]
+
+    assert bases.load_for_strategy(load, strategy) is loaded[0]  # frozen: used as loaded
+    copy = bases.load_for_strategy(load, strategy, trainable=True)
+    assert copy.model is not loaded[1].model and copy.spec == "test"
+    for mine, theirs in zip(copy.model.weights, loaded[1].model.weights, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+        assert strategy.extended.variable_created_in_scope(mine.value)
+        assert not strategy.extended.variable_created_in_scope(theirs.value)
