@@ -328,6 +328,7 @@ def run(config: Config) -> dict:
 
     # Under multi_worker: pretrained (or loaded) outside the strategy, then copied into its scope for phase 2.
     base = bases.load_for_strategy(lambda: load_pretrained_base(config, source), strategy, trainable=True)
+    set_seed(config.seed)  # pretraining draws random numbers that loading does not: the head starts alike either way
     check_schedule(config, source, base)
     backup = distributed.Backup(config.backup_dir)
     run_dir = evaluation.make_run_dir("fine_tune", config.out)  # after every input error

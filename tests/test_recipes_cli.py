@@ -167,3 +167,26 @@ def test_a_misspelt_fresh_layer_is_named(tmp_path, capsys):
     assert_cli_error(
         capsys, recipe_main("weight_transfer"), argv, r"\['clasifier'\] are not layers of the CNN.*classifier"
     )
+
+
+# Small settings; each recipe pretrains its own source-cnn base (500 images) into an empty cache, then loads it.
+COLD_AND_WARM = {
+    "feature_extraction": ["--source-images", "500", "--epochs", "2", "--test-images", "200"],
+    "fine_tune": ["--source-images", "500", "--head-epochs", "2", "--epochs", "1", "--test-images", "200"],
+    "self_training": ["--source-images", "500", "--unlabeled", "300", "--test-images", "200", "--method",
+                      "noisy_student", "--scratch-epochs", "1"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", COLD_AND_WARM)
+def test_the_same_seed_gives_the_same_result_whether_the_base_was_pretrained_now_or_loaded(name, tmp_path, monkeypatch):
+    """Pretraining the base draws random numbers that loading it from the cache does not: the first run of a
+    command must still end as the second (each recipe seeds again once it holds its base)."""
+    recipe = importlib.import_module(f"recipes.{name}")
+    monkeypatch.setenv("RECIPES_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--quick", *COLD_AND_WARM[name]]
+    cold = recipe.main([*argv, "--out", str(tmp_path / "cold")])
+    assert len(list((tmp_path / "cache").glob("*.keras"))) == 1  # pretrained and cached by the first run
+    warm = recipe.main([*argv, "--out", str(tmp_path / "warm")])
+    for variant, figures in cold["variants"].items():
+        assert figures["confusion_matrix"] == warm["variants"][variant]["confusion_matrix"], variant
