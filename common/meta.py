@@ -93,11 +93,12 @@ class MetaTrainer:
     (``tf.map_fn``: a graph loop, faster to trace and to run for CNNs, whose per-task
     convolution filters ``vectorized_map`` cannot batch); another value is an ``InputError``.
 
-    ``strategy`` (a ``tf.distribute`` strategy whose scope built ``model``; with one replica only
-    the optimizer is built in its scope, the step is the plain one): the meta-batch is split across the replicas, each computes the meta-gradient of
-    its share of tasks, the meta-gradients are averaged over replicas (all-reduce) and one Adam
-    update is applied to the mirrored weights, as learn2learn's distributed MAML averages them
-    over workers. XLA is not used under a strategy (it does not span the replicas' devices).
+    ``strategy`` (a ``tf.distribute`` strategy whose scope built ``model``): the meta-batch is
+    split across the replicas, each computes the meta-gradient of its share of tasks, the
+    meta-gradients are averaged over replicas (all-reduce) and one Adam update is applied to
+    the mirrored weights, as learn2learn's distributed MAML averages them over workers. With
+    one replica only the optimizer is built in its scope and the step is the plain one. XLA is
+    not used under a strategy (it does not span the replicas' devices).
     """
 
     def __init__(self, model: keras.Model, score_fn, meta_lr: float = 1e-3, task_map: str = "vectorized",
