@@ -507,6 +507,9 @@ def scratch_twin(base: Base, num_classes: int, dropout: float, name: str = "scra
 
     def fresh_layer(layer):
         config = layer.get_config()
+        # A layer's config carries its own trainable flag: after unfreezing only the top of the
+        # base (fine-tuning), the rest would come back frozen, which the model-level flag does not undo.
+        config["trainable"] = True
         if isinstance(layer, layers.BatchNormalization):
             # Few steps on few images: let the moving statistics catch up with the batches.
             config["momentum"] = min(config.get("momentum", 0.99), bn_momentum)

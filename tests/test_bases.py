@@ -139,6 +139,21 @@ def test_scratch_twin_has_fresh_weights_and_learning_batchnorm(cache, tiny_sourc
     assert inner.get_layer("block1_bn1").momentum == pytest.approx(0.9)
 
 
+def test_scratch_twin_trains_every_layer_even_after_the_base_was_partly_unfrozen(cache, tiny_source):
+    """fine_tune builds its scratch baseline after phase 2 has left all but the top layers frozen, layer by layer."""
+    from common import models
+
+    base = bases.load_base(
+        "source-cnn", source=tiny_source, settings=bases.SourceSettings(width=8, epochs=1), verbose=0
+    )
+    models.unfreeze_top(base.model, 2)  # block2_conv2 and block2_bn2, whose BatchNorm stays frozen
+    assert [w.path for w in base.model.trainable_weights] == ["block2_conv2/kernel"]
+    twin = bases.scratch_twin(base, 3, 0.1)
+    frozen = [w.path for w in twin.non_trainable_weights]
+    assert frozen and all(path.endswith(("moving_mean", "moving_variance")) for path in frozen), frozen
+    assert len(twin.trainable_weights) == len(twin.weights) - len(frozen)
+
+
 # --- .keras models that are not ours ------------------------------------------------------
 
 
