@@ -33,11 +33,10 @@ included; ``--backup-dir DIR`` makes every phase resumable. ``--tune`` is not di
 (keras-tuner's trials call ``fit``; see ``common.tuning.check_strategy``).
 
 Measured over seeds 0-4 (``--seed S``, ``make results``, alone on two CPU cores): fine-tuned
-87.4-90.1%, phase 1 alone 86.9-90.2%, scratch 80.3-88.7%. The gain over scratch averaged +4.0
-points (+1.4 to +8.0; the early-stopped scratch baseline is strong on these easy classes);
+87.4-90.1%, phase 1 alone 86.9-90.2%, scratch 84.5-88.2%. The gain over scratch averaged +2.6
+points (+1.9 to +3.5; the early-stopped scratch baseline is strong on these easy classes);
 phase 2 added only +0.2 over phase 1 on average (-0.4 to +0.6): with 10 labels per class the
-head on the frozen base does most of the work. A run took 10-13 s with the base cached, 51 s
-with its pretraining.
+head on the frozen base does most of the work. A run took 14-18 s with the base cached.
 """
 
 from __future__ import annotations
