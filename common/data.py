@@ -630,16 +630,23 @@ def parse_classes(spec: str) -> list[int]:
     return classes
 
 
-def check_class_split(dataset: Dataset, *class_lists: list[int]) -> None:
-    """Each list non-empty, inside the dataset's classes, and no class in two lists."""
+def check_class_split(dataset: Dataset, *class_lists: list[int], flags: tuple[str, ...] = ()) -> None:
+    """Each list non-empty, inside the dataset's classes, and no class in two lists.
+
+    ``flags``: the command-line flag of each list (e.g. ``("--source-classes",
+    "--target-classes")``), named in the ``InputError`` so that a user who never typed them
+    (the defaults 0-4 / 5-9 assume ten classes) knows what to set.
+    """
     seen: dict[int, int] = {}
     for position, classes in enumerate(class_lists):
+        flag = flags[position] if position < len(flags) else f"class list #{position + 1}"
         if not classes:
-            raise InputError(f"class list #{position + 1} is empty")
+            raise InputError(f"{flag} is empty")
         unknown = sorted(set(classes) - set(range(dataset.num_classes)))
         if unknown:
             raise InputError(
-                f"classes {unknown} are not in {dataset.name} (it has classes 0-{dataset.num_classes - 1})"
+                f"{flag}: classes {unknown} are not in {dataset.name} (it has classes 0-{dataset.num_classes - 1}); "
+                f"set {' and '.join(flags) or 'the class lists'} to classes it has"
             )
         for c in classes:
             if c in seen and seen[c] != position:
@@ -679,7 +686,7 @@ def load_tasks(name: str, source_classes: str, target_classes: str, image_size: 
     """
     dataset = load_dataset(name, image_size=image_size or None, seed=seed)
     source, target = parse_classes(source_classes), parse_classes(target_classes)
-    check_class_split(dataset, source, target)
+    check_class_split(dataset, source, target, flags=("--source-classes", "--target-classes"))
     return select_classes(dataset, source), select_classes(dataset, target)
 
 

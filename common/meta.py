@@ -303,7 +303,7 @@ def load_episode_pools(dataset: str, image_size: int, seed: int, train_classes: 
     """
     loaded = data.load_dataset(dataset, image_size=image_size, seed=seed)
     train_classes, test_classes = data.parse_classes(train_classes), data.parse_classes(test_classes)
-    data.check_class_split(loaded, train_classes, test_classes)
+    data.check_class_split(loaded, train_classes, test_classes, flags=("--train-classes", "--test-classes"))
     images = data.to_input_shape(np.concatenate([loaded.x_train, loaded.x_test]), (image_size, image_size, 1))
     labels = np.concatenate([loaded.y_train, loaded.y_test])
     train = EpisodeSampler(images, labels, train_classes, rotations, loaded.class_names)

@@ -87,7 +87,7 @@ class Config(RecipeConfig):
     learning_rate: float = knob(1e-3, "Adam learning rate of phase 1 and of the from-scratch baseline.")
     fine_tune_learning_rate: float = knob(1e-4, "Adam learning rate of phase 2 (10-100x lower than phase 1's).")
     dropout: float = knob(0.2, "Dropout rate before the head's Dense layer.", minimum=0.0, maximum=1.0)
-    schedule: str = knob("top:4", "Phase 2: 'top:N' unfreezes the top N layers with weights; 'gradual' one block more every --unfreeze-every epochs.")  # fmt: skip
+    schedule: str = knob("top:4", "Phase 2: 'top:N' unfreezes the top N layers with weights (BatchNorm layers count but stay frozen); 'gradual' one block more every --unfreeze-every epochs.")  # fmt: skip
     unfreeze_every: int = knob(4, "Gradual schedule: epochs between unfreezing one more block.", minimum=1)
     tune: bool = knob(False, "Search the phase-2 learning rate, layers unfrozen and dropout with keras-tuner first.")
     tuner: str = knob("hyperband", "Search algorithm: hyperband | random.")

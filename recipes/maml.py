@@ -69,7 +69,8 @@ class Config(RecipeConfig):
     """Meta-learn an initialisation (MAML, first-order MAML or Reptile) and compare it with plain pre-training."""
 
     dataset: str = knob(
-        SINUSOID, "sinusoid (regression, generated) or an image dataset: fashion_mnist, tfds:omniglot, ..."
+        SINUSOID,
+        "sinusoid (regression, generated) or an image dataset: fashion_mnist, tfds:omniglot, folder:<path>, ...",
     )
     algorithm: str = knob("maml", "maml (second-order) | fomaml (first-order) | reptile.")
     meta_lr: float = knob(1e-3, "Adam learning rate of the outer (meta) update.")
@@ -92,7 +93,7 @@ class Config(RecipeConfig):
     image_iterations: int = knob(600, "Images: meta-training iterations per K (the paper, Omniglot: 40000).")
     image_batch_size: int = knob(4, "Images: episodes per meta-batch (paper: 32; 8: ~1 point more 1-shot, 2x time).")
     image_alpha: float = knob(0.4, "Images: inner-loop SGD step size (the paper, Omniglot: 0.4).")
-    image_size: int = knob(28, "Images: side the images are resized to (greyscale).")
+    image_size: int = knob(28, "Images: side the episodes' images are resized to (and made greyscale, one channel).")
     filters: int = knob(64, "Images: filters of each of the four conv blocks (the paper: 64).", minimum=1)
     rotations: bool = knob(False, "Images: add each class rotated by 90/180/270 degrees as new classes (Omniglot).")
     jit_compile: bool = knob(True, "Compile the sinusoid meta-training loop with XLA (--no-jit-compile: plain graph).")

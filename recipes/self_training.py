@@ -112,7 +112,7 @@ def load_tasks(config: Config) -> tuple[data.Dataset | None, data.Dataset]:
                                config.seed)  # fmt: skip
     dataset = data.load_dataset(config.dataset, image_size=config.image_size or None, seed=config.seed)
     target_classes = data.parse_classes(config.target_classes)
-    data.check_class_split(dataset, target_classes)
+    data.check_class_split(dataset, target_classes, flags=("--target-classes",))
     return None, data.select_classes(dataset, target_classes)
 
 

@@ -182,6 +182,9 @@ def test_check_class_split_errors():
         data.check_class_split(ds, [0, 1], [1, 2])
     with pytest.raises(ValueError, match=r"classes \[7\] are not in toy \(it has classes 0-3\)"):
         data.check_class_split(ds, [0], [7])
+    # The flags are named, for a user who never typed them (the defaults assume ten classes).
+    with pytest.raises(ValueError, match=r"^--target-classes: classes \[7\] are not in toy .*set --source-classes and"):
+        data.check_class_split(ds, [0], [7], flags=("--source-classes", "--target-classes"))
 
 
 def test_select_classes_reindexes_in_given_order():
