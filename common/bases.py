@@ -507,8 +507,8 @@ def scratch_twin(base: Base, num_classes: int, dropout: float, name: str = "scra
 
     def fresh_layer(layer):
         config = layer.get_config()
-        # A layer's config carries its own trainable flag: after unfreezing only the top of the
-        # base (fine-tuning), the rest would come back frozen, which the model-level flag does not undo.
+        # A layer's config carries its own trainable flag, set False by freezing the base (a head
+        # trained on it) or by unfreezing only its top (fine-tuning); the model-level flag does not undo it.
         config["trainable"] = True
         if isinstance(layer, layers.BatchNormalization):
             # Few steps on few images: let the moving statistics catch up with the batches.
