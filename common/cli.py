@@ -164,6 +164,22 @@ def run_cli(config_cls: type, run: Callable, argv: list[str] | None = None, desc
         raise SystemExit(2) from None
 
 
+def parse_budgets(budgets: str, labels_per_class: int) -> list[int]:
+    """``--budgets '10,50,200'`` -> [10, 50, 200] (sorted, each >= 1); ``''`` -> [labels_per_class].
+
+    Raises ``InputError`` naming the flag for anything else.
+    """
+    if not budgets:
+        return [labels_per_class]
+    try:
+        parsed = sorted({int(b) for b in budgets.split(",")})
+    except ValueError:
+        raise InputError(f"cannot read --budgets {budgets!r}; write e.g. '10,50,200'") from None
+    if parsed[0] < 1:
+        raise InputError(f"--budgets {budgets!r}: every budget must be at least 1 label per class")
+    return parsed
+
+
 def set_seed(seed: int) -> None:
     """The one seeding block: Python, NumPy and TensorFlow, and deterministic TF ops.
 

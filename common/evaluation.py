@@ -123,6 +123,22 @@ def comparison_table(record: dict) -> str:
     return text_table(rows)
 
 
+def budget_table(budgets: list[int], accuracies: dict[str, list[float]], baseline: str) -> str:
+    """Test accuracy (percent) of every variant at every label budget, with each variant's gain over ``baseline``.
+
+    ``accuracies``: {variant: [accuracy in [0, 1] at each of ``budgets``]}.
+    """
+    names = list(accuracies)
+    rows = [("labels/class", *names, *[f"{name} vs {baseline}" for name in names if name != baseline])]
+    for i, budget in enumerate(budgets):
+        shown = [f"{100 * accuracies[name][i]:.1f}%" for name in names]
+        gains = [
+            f"{100 * (accuracies[name][i] - accuracies[baseline][i]):+.1f} pts" for name in names if name != baseline
+        ]
+        rows.append((str(budget), *shown, *gains))
+    return text_table(rows)
+
+
 def text_table(rows: list[tuple[str, ...]]) -> str:
     """Rows of strings as left-aligned columns, the first row the header, a dashed rule under it."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

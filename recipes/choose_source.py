@@ -16,7 +16,9 @@ What the default run does (``python -m recipes.choose_source``):
    pretrained with the labels shuffled, cut after block 3 where it memorised noise
    (``source-0-4-shuffled-labels``; ``...-shuffled-labels-block1|2`` stay generic); the same
    pretrained on scikit-learn's digits at 28x28 (``digits``); the same untrained
-   (``untrained``). Add a ``keras.applications`` name (``--weights``) or a ``.keras`` path.
+   (``untrained``); EfficientNet-Lite0 with its ImageNet weights (``efficientnet_lite0``, offline,
+   at ``--image-size``, default 96: the out-of-domain source). Add a ``keras.applications`` name
+   (``--weights``) or a ``.keras`` path.
 3. Scores: the features of the 100 labelled images once per candidate, then every score,
    timed. LEEP and NCE need the source classifier's predictions: a candidate without one
    (``untrained``, a backbone without its top) gets none (null), left out of their correlations.
@@ -47,7 +49,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from common import bases, data, evaluation, models, transferability
+from common import bases, data, efficientnet_lite, evaluation, models, transferability
 from common.cli import InputError, MissingInputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 SOURCE_CUT = "block2"  # the cut of the digits and untrained candidates, and of scratch
@@ -109,7 +111,7 @@ def parse_candidates(config: Config) -> list[Candidate]:
     source_names = re.compile(rf"source-{re.escape(tag)}-(?:(shuffled-labels)(?:-(block[123]))?|(block[123]))")
     tokens = [t.strip() for t in config.candidates.split(",") if t.strip()]
     defaults = [f"source-{tag}-block1", f"source-{tag}-block2", f"source-{tag}-block3",
-                f"source-{tag}-shuffled-labels", "digits", "untrained"]  # fmt: skip
+                f"source-{tag}-shuffled-labels", "digits", "untrained", efficientnet_lite.NAME]  # fmt: skip
     candidates, seen = [], {}
     for token in [name for t in tokens for name in (defaults if t == "default" else [t])]:
         match = source_names.fullmatch(token)
@@ -122,6 +124,9 @@ def parse_candidates(config: Config) -> list[Candidate]:
             candidate = Candidate(token, kind, cut=cut or shuffled_cut or SHUFFLED_CUT)
         elif token in ("digits", "untrained"):
             candidate = Candidate(token, token)
+        elif token == efficientnet_lite.NAME:  # ImageNet, offline: the out-of-domain candidate
+            bases.check_base_args(token, "", config.image_size)
+            candidate = Candidate(token, "imagenet", spec=token)
         elif token in models.BACKBONES:
             bases.check_base_args(token, config.weights, config.image_size)
             candidate = Candidate(token, "backbone", spec=token)

@@ -48,7 +48,7 @@ import numpy as np
 from keras import layers
 
 from common import bases, data, distributed, evaluation, models
-from common.cli import RecipeConfig, knob, make_strategy, run_cli, set_seed
+from common.cli import RecipeConfig, knob, make_strategy, parse_budgets, run_cli, set_seed
 
 
 @dataclass
@@ -62,7 +62,8 @@ class Config(RecipeConfig):
     source_classes: str = knob("0-4", "Classes the source-cnn base is pretrained on, e.g. '0-4'.")
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
     labels_per_class: int = knob(10, "Target training images per class (the label budget).", minimum=1)
-    base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, or a .keras path.")
+    budgets: str = knob("", "Sweep several label budgets, e.g. '1,5,10,50' (overrides --labels-per-class).")
+    base: str = knob("source-cnn", "Pretrained base: source-cnn, efficientnet_lite0 (ImageNet, offline), a keras.applications name, or a .keras path.")  # fmt: skip
     weights: str = knob("", "keras.applications weights: imagenet (default, online), none, or a weights file.")
     base_layer: str = knob(
         "", "Layer of a keras.applications or .keras base whose output is the features (default: below its classifier)."
@@ -91,9 +92,12 @@ def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
     return data.load_tasks(config.dataset, config.source_classes, config.target_classes, config.image_size, config.seed)
 
 
-def pick_budget(target: data.Dataset, config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``labels_per_class`` training images per class, and the (optionally subsampled) test set."""
-    return data.label_budget(target, config.labels_per_class, config.seed, config.test_images)
+def pick_budget(
+    target: data.Dataset, config: Config, budget: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``budget`` (default ``config.labels_per_class``) training images per class, and the test set."""
+    budget = config.labels_per_class if budget is None else budget
+    return data.label_budget(target, budget, config.seed, config.test_images)
 
 
 def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
@@ -163,16 +167,53 @@ def evaluate(model: keras.Model, base: bases.Base, x_test: np.ndarray, y_test: n
 # --- The whole recipe -------------------------------------------------------------
 
 
+def run_budget(budget: int, base: bases.Base, target: data.Dataset, config: Config, strategy,
+               backup: distributed.Backup) -> dict:  # fmt: skip
+    """Both variants on the same ``budget`` labelled images per class: {variant: (model, report, history)}."""
+    x, y, x_test, y_test = pick_budget(target, config, budget)
+    n, tag = target.num_classes, f"{budget}-" if config.budgets else ""
+    set_seed(config.seed)
+    if config.augment:
+        extract_seconds = 0.0
+        model, history, train_seconds = train_head_on_images(
+            base, x, y, n, config, strategy, augment=True, backup_dir=backup.phase(f"{tag}head")
+        )
+        path = "augmented images through the frozen base"
+    else:
+        features, extract_seconds = bases.extract_features(base, x)
+        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy,
+                                                              backup.phase(f"{tag}head"))  # fmt: skip
+        model = assemble(base, head, n, config, strategy)
+        path = "cached features"
+    report = evaluate(model, base, x_test, y_test, n)
+    report |= {"extract_seconds": round(extract_seconds, 2), "train_seconds": round(train_seconds, 2), "path": path,
+               "labels_per_class": budget}  # fmt: skip
+    print(f"  {budget:>3} labels/class  feature_extraction ({path}): test accuracy {report['test_accuracy']:.3f}, "
+          f"extraction {extract_seconds:.1f} s, head training {train_seconds:.1f} s")  # fmt: skip
+
+    set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
+    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy,
+                                                              backup.phase(f"{tag}scratch"))  # fmt: skip
+    scratch_report = evaluate(scratch, base, x_test, y_test, n)
+    scratch_report |= {"train_seconds": round(scratch_seconds, 2), "labels_per_class": budget}
+    print(f"  {budget:>3} labels/class  scratch: test accuracy {scratch_report['test_accuracy']:.3f}, "
+          f"training {scratch_seconds:.1f} s")  # fmt: skip
+    return {"scratch": (scratch, scratch_report, scratch_history), "feature_extraction": (model, report, history),
+            "test_images": len(x_test)}  # fmt: skip
+
+
 def run(config: Config) -> dict:
     """Base, head (cached features or augmented images), scratch baseline; returns metrics.json's content."""
     config = config.resolved()
     start = time.perf_counter()
     bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut, config.base_layer)
+    budgets = parse_budgets(config.budgets, config.labels_per_class)
     set_seed(config.seed)
     strategy = make_strategy(config.strategy)
 
     source, target = load_tasks(config)
-    x, y, x_test, y_test = pick_budget(target, config)
+    flag = f"--budgets {config.budgets}" if config.budgets else f"--labels-per-class {config.labels_per_class}"
+    data.check_per_class(target.y_train, budgets[-1], target.class_names, what=flag)
     print(f"source task: {source}\ntarget task: {target}")
 
     # Under multi_worker every worker pretrains (or loads) the same base outside the strategy:
@@ -181,33 +222,13 @@ def run(config: Config) -> dict:
     backup = distributed.Backup(config.backup_dir)
     run_dir = evaluation.make_run_dir("feature_extraction", config.out)  # after every input error
     print(f"base: {base}\nrun folder: {run_dir}")
-    n = target.num_classes
+    by_budget = {budget: run_budget(budget, base, target, config, strategy, backup) for budget in budgets}
 
-    if config.augment:
-        extract_seconds = 0.0
-        model, history, train_seconds = train_head_on_images(
-            base, x, y, n, config, strategy, augment=True, backup_dir=backup.phase("head")
-        )
-        path = "augmented images through the frozen base"
-    else:
-        features, extract_seconds = bases.extract_features(base, x)
-        head, history, train_seconds = train_head_on_features(features, y, n, config, strategy, backup.phase("head"))
-        model = assemble(base, head, n, config, strategy)
-        path = "cached features"
-    report = evaluate(model, base, x_test, y_test, n)
-    report |= {"extract_seconds": round(extract_seconds, 2), "train_seconds": round(train_seconds, 2), "path": path}
-    print(f"  feature_extraction ({path}): test accuracy {report['test_accuracy']:.3f}, "
-          f"extraction {extract_seconds:.1f} s, head training {train_seconds:.1f} s")  # fmt: skip
-
-    set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
-    scratch, scratch_history, scratch_seconds = train_scratch(base, x, y, n, config, strategy, backup.phase("scratch"))
-    scratch_report = evaluate(scratch, base, x_test, y_test, n) | {"train_seconds": round(scratch_seconds, 2)}
-    print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}, training {scratch_seconds:.1f} s")
-
-    variants = {
-        "scratch": dict(scratch_report, labels_per_class=config.labels_per_class),
-        "feature_extraction": dict(report, labels_per_class=config.labels_per_class),
-    }
+    # The headline is the smallest budget; every budget's accuracy is kept (and plotted when there are several).
+    headline = by_budget[budgets[0]]
+    model, report, history = headline["feature_extraction"]
+    variants = {name: headline[name][1] for name in ("scratch", "feature_extraction")}
+    sweep = {name: [by_budget[b][name][1]["test_accuracy"] for b in budgets] for name in variants}
     record = evaluation.metrics_record(
         "feature_extraction",
         config.dataset,
@@ -216,21 +237,28 @@ def run(config: Config) -> dict:
         variants,
         time.perf_counter() - start,
         base={k: v for k, v in base.info.items() if k != "settings"} | {"spec": config.base},
-        test_images=len(x_test),
+        test_images=headline["test_images"],
+        budgets=budgets,
+        test_accuracy_by_budget=sweep,
     )
-    histories = {"feature_extraction": history, "scratch": scratch_history}
+    histories = {"feature_extraction": history, "scratch": headline["scratch"][2]}
     figures = {
         "learning_curves": evaluation.plot_learning_curves(
-            histories, "accuracy", title=f"training accuracy ({config.labels_per_class} labels per class)"
+            histories, "accuracy", title=f"training accuracy ({budgets[0]} labels per class)"
         ),
         "confusion_matrix": evaluation.plot_confusion_matrix(
             report["confusion_matrix"], target.class_names, "feature extraction: confusion matrix"
         ),
     }
+    if len(budgets) > 1:
+        figures["accuracy_vs_budget"] = evaluation.plot_budget_curve(budgets, sweep)
     evaluation.write_run(run_dir, config, record, histories, figures, model=model)
     backup.finish()
 
-    print(f"\ntarget task, {config.labels_per_class} labels per class, {len(x_test)} test images:")
+    if len(budgets) > 1:
+        print("\ntest accuracy by label budget (labels per class):")
+        print(evaluation.budget_table(budgets, sweep, "scratch"))
+    print(f"\ntarget task, {budgets[0]} labels per class, {headline['test_images']} test images:")
     print(evaluation.comparison_table(record))
     print(f"\nwrote {run_dir} in {record['seconds']:.0f} s")
     return record

@@ -6,9 +6,10 @@ new head sends large gradients down). So, as in the Keras guide "Transfer learni
 
 1. Phase 1 trains the head on the frozen base until it has converged (early stopping on
    a validation split, best weights restored).
-2. Phase 2 unfreezes the top of the base, the top N layers with weights (``--schedule
-   top:N``) or one more block every ``--unfreeze-every`` epochs from the top down
-   (``--schedule gradual``), recompiles with a learning rate 10-100x lower and trains on.
+2. Phase 2 unfreezes the top of the base: its top N whole blocks (``--schedule blocks:N``,
+   default 1: block2 of the source-cnn, the same 4 layers as ``top:4``; ``top_conv`` and
+   ``top_bn`` of EfficientNet-Lite0), the top N layers with weights (``top:N``) or one more
+   block every ``--unfreeze-every`` epochs from the top down (``--schedule gradual``), recompiles with a learning rate 10-100x lower and trains on.
    Every BatchNormalization layer stays frozen, in Keras 3 also in inference mode (moving
    statistics used, never updated: updating them on a few dozen images would undo pretraining).
 
@@ -87,7 +88,7 @@ class Config(RecipeConfig):
     learning_rate: float = knob(1e-3, "Adam learning rate of phase 1 and of the from-scratch baseline.")
     fine_tune_learning_rate: float = knob(1e-4, "Adam learning rate of phase 2 (10-100x lower than phase 1's).")
     dropout: float = knob(0.2, "Dropout rate before the head's Dense layer.", minimum=0.0, maximum=1.0)
-    schedule: str = knob("top:4", "Phase 2: 'top:N' unfreezes the top N layers with weights (BatchNorm layers count but stay frozen); 'gradual' one block more every --unfreeze-every epochs.")  # fmt: skip
+    schedule: str = knob("blocks:1", "Phase 2: 'blocks:N' unfreezes the top N whole blocks (bases.weight_blocks), 'top:N' the top N layers with weights (BatchNorm layers count but stay frozen); 'gradual' one block more every --unfreeze-every epochs.")  # fmt: skip
     unfreeze_every: int = knob(4, "Gradual schedule: epochs between unfreezing one more block.", minimum=1)
     tune: bool = knob(False, "Search the phase-2 learning rate, layers unfrozen and dropout with keras-tuner first.")
     tuner: str = knob("hyperband", "Search algorithm: hyperband | random.")
@@ -135,31 +136,36 @@ def split_target(target: data.Dataset, config: Config) -> dict[str, tuple[np.nda
 
 
 def parse_schedule(schedule: str) -> tuple[str, int]:
-    """``'top:N'`` -> ("top", N); ``'gradual'`` -> ("gradual", 0); a clear error otherwise."""
+    """``'blocks:N'`` -> ("blocks", N); ``'top:N'`` -> ("top", N); ``'gradual'`` -> ("gradual", 0); else an error."""
     if schedule == "gradual":
         return "gradual", 0
-    if schedule.startswith("top:"):
-        try:
-            n = int(schedule.removeprefix("top:"))
-        except ValueError:
-            n = -1
-        if n >= 1:
-            return "top", n
-    raise InputError(f"unknown --schedule {schedule!r}; write 'top:N' (N >= 1 layers) or 'gradual'")
+    kind, _, number = schedule.partition(":")
+    if kind in ("blocks", "top") and number.isdigit() and int(number) >= 1:
+        return kind, int(number)
+    raise InputError(
+        f"unknown --schedule {schedule!r}; write 'blocks:N' (N >= 1 blocks), 'top:N' (N >= 1 layers) or 'gradual'"
+    )
+
+
+def layers_in_top_blocks(base_model: keras.Model, num_blocks: int) -> int:
+    """How many layers with weights the top ``num_blocks`` blocks (``bases.weight_blocks``) of ``base_model`` hold."""
+    return sum(len(block) for block in bases.weight_blocks(base_model)[-num_blocks:])
 
 
 def check_schedule(config: Config, source: data.Dataset, base: bases.Base | None = None) -> None:
-    """Fail before any training if ``top:N`` asks for more layers than the base has."""
+    """Fail before any training if ``top:N`` or ``blocks:N`` asks for more layers or blocks than the base has."""
     kind, n = parse_schedule(config.schedule)
-    if kind != "top":
+    if kind == "gradual":
         return
     if base is None:  # the source-cnn's architecture, without pretraining it
         model = models.build_bn_cnn(source.input_shape, source.num_classes, width=config.source_width)
-        available = models.count_weighted_layers(bases.spatial_base(model.get_layer("base"), config.source_cut))
+        base_model = bases.spatial_base(model.get_layer("base"), config.source_cut)
     else:
-        available = models.count_weighted_layers(base.model)
+        base_model = base.model
+    available = models.count_weighted_layers(base_model) if kind == "top" else len(bases.weight_blocks(base_model))
     if n > available:
-        raise InputError(f"--schedule top:{n}: the base {config.base!r} has only {available} layers with weights")
+        what = "layers with weights" if kind == "top" else "blocks"
+        raise InputError(f"--schedule {config.schedule}: the base {config.base!r} has only {available} {what}")
 
 
 def load_pretrained_base(config: Config, source: data.Dataset) -> bases.Base:
@@ -222,10 +228,11 @@ def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int
         backup_dir = backup.phase(f"fine_tune-{index}") if backup else None
         return distributed.train(model, train, epochs, strategy, validation_data=val, backup_dir=backup_dir, verbose=0)
 
-    if kind == "top":
-        unfrozen = unfreeze(model, n, lr)
+    if kind in ("top", "blocks"):
+        num_layers = n if kind == "top" else layers_in_top_blocks(models.inner_base(model), n)
+        unfrozen = unfreeze(model, num_layers, lr)
         print(f"  phase 2: unfroze {len(unfrozen)} layers ({', '.join(unfrozen)}) at learning rate {lr:g}")
-        return stage(config.epochs, 0), {f"unfreeze top {n}": initial_epoch}
+        return stage(config.epochs, 0), {f"unfreeze top {n} {'layers' if kind == 'top' else 'blocks'}": initial_epoch}
     # Gradual: one more block (from the top) every `unfreeze_every` epochs.
     blocks = bases.weight_blocks(models.inner_base(model))
     history: dict[str, list] = {}

@@ -42,7 +42,7 @@ import keras
 import numpy as np
 
 from common import data, distributed, evaluation, models
-from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
+from common.cli import InputError, RecipeConfig, knob, make_strategy, parse_budgets, run_cli, set_seed
 
 VARIANTS = ("scratch", "transfer", "frozen")
 
@@ -82,12 +82,7 @@ def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
 
 
 def label_budgets(config: Config) -> list[int]:
-    if not config.budgets:
-        return [config.labels_per_class]
-    try:
-        return sorted({int(b) for b in config.budgets.split(",")})
-    except ValueError:
-        raise InputError(f"cannot read --budgets {config.budgets!r}; write e.g. '10,50,200'") from None
+    return parse_budgets(config.budgets, config.labels_per_class)
 
 
 def check_budgets(source: data.Dataset, target: data.Dataset, budgets: list[int], config: Config) -> None:

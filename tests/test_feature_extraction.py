@@ -26,8 +26,11 @@ def quick(tmp_path: Path, **overrides) -> fe.Config:
 
 
 def test_quick_run_writes_the_run_folder(tmp_path):
-    record = fe.main(["--quick", "--out", str(tmp_path / "run")])
+    record = fe.main(["--quick", "--budgets", "1,3", "--out", str(tmp_path / "run")])
     assert record["recipe"] == "feature_extraction" and record["baseline"] == "scratch"
+    assert record["budgets"] == [1, 3] and record["variants"]["scratch"]["labels_per_class"] == 1  # the headline
+    assert [len(v) for v in record["test_accuracy_by_budget"].values()] == [2, 2]
+    assert (tmp_path / "run" / "accuracy_vs_budget.png").is_file()
     assert set(record["variants"]) == {"scratch", "feature_extraction"}
     assert record["variants"]["feature_extraction"]["path"] == "cached features"
     assert record["variants"]["feature_extraction"]["extract_seconds"] >= 0
@@ -35,6 +38,12 @@ def test_quick_run_writes_the_run_folder(tmp_path):
                  "model.keras"):  # fmt: skip
         assert (tmp_path / "run" / name).is_file(), name
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == json.loads(json.dumps(record))
+
+
+def test_imagenet_lite0_base_offline(tmp_path):
+    record = fe.run(quick(tmp_path, base="efficientnet_lite0", image_size=32, test_images=100))
+    assert record["base"]["kind"] == "lite0" and record["base"]["feature_layer"] == "top_relu"
+    assert 0.0 <= record["variants"]["feature_extraction"]["test_accuracy"] <= 1.0
 
 
 def test_help_documents_every_field(capsys):
@@ -131,6 +140,10 @@ def test_a_softmax_model_file_is_cut_below_its_classifier(tmp_path):
         (dict(base="mobilenet_v2", weights="none", image_size=8), "at least 32x32"),
         (dict(source_cut="block9"), "block9"),
         (dict(target_classes="4-9"), "two class lists"),
+        (dict(budgets="1,x"), r"cannot read --budgets '1,x'"),
+        (dict(budgets="0,5"), "every budget must be at least 1"),
+        (dict(budgets="1,9000"), r"--budgets 1,9000"),
+        (dict(base="efficientnet_lite0", image_size=16), "at least 32x32"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, overrides, message):

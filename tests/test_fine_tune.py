@@ -110,12 +110,21 @@ def test_mobilenet_v2_without_weights_at_a_small_size(tmp_path):
     assert record["base"]["kind"] == "backbone"
 
 
+def test_imagenet_lite0_unfreezes_whole_blocks_from_the_top(tmp_path, capsys):
+    record = ft.run(quick(tmp_path, base="efficientnet_lite0", image_size=32, schedule="blocks:2", test_images=100))
+    assert record["base"]["kind"] == "lite0"
+    unfrozen = capsys.readouterr().out.split("phase 2: unfroze ")[1].split("\n")[0]
+    # block_15 (expand, depthwise, project: conv + BatchNorm each) and the top (conv + BatchNorm).
+    assert unfrozen.startswith("4 layers (block_15_expand_conv, block_15_dw_conv, block_15_project_conv, top_conv)")
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (dict(schedule="top:99"), "top:99.*only 8 layers"),
         (dict(schedule="bottom:2"), "unknown --schedule"),
         (dict(schedule="top:x"), "unknown --schedule"),
+        (dict(schedule="blocks:3"), "blocks:3.*only 2 blocks"),
         (dict(tuner="grid"), "unknown --tuner 'grid'"),
         (dict(base="not_a_backbone"), "unknown base"),
         (dict(labels_per_class=6000), r"--labels-per-class 6000 \+ --val-per-class 10 needs 6010 images per class"),
