@@ -238,7 +238,8 @@ def uses_fit(strategy) -> bool:
 
 
 def train(model, dataset, epochs: int, strategy, validation_data=None, backup_dir: Path | None = None,
-          callbacks: list | None = None, verbose="auto", patience: int | None = None) -> dict:  # fmt: skip
+          callbacks: list | None = None, verbose="auto", patience: int | None = None,
+          start_from_epoch: int = 0) -> dict:  # fmt: skip
     """Train a compiled Keras ``model`` for ``epochs`` passes over ``dataset``; return the history dict.
 
     ``dataset``: a finite ``tf.data.Dataset`` of ``(x, y)`` batches of the *global* batch
@@ -260,11 +261,13 @@ def train(model, dataset, epochs: int, strategy, validation_data=None, backup_di
     ``patience``: early stopping on ``val_loss`` with the best epoch's weights restored at
     the end, ``keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
     restore_best_weights=True)`` on both paths (needs ``validation_data``); with
-    ``backup_dir`` it is resumable (:func:`early_stopping`).
+    ``backup_dir`` it is resumable (:func:`early_stopping`). ``start_from_epoch``: Keras's
+    warm-up, epochs before early stopping starts watching (a deep network from random weights
+    can sit at chance on validation for tens of epochs before it learns).
     """
     if not uses_fit(strategy):
         return distributed_fit(model, dataset, epochs, strategy, validation_data, backup_dir, verbose=verbose,
-                               callbacks=callbacks, patience=patience)  # fmt: skip
+                               callbacks=callbacks, patience=patience, start_from_epoch=start_from_epoch)  # fmt: skip
     import keras
 
     from common.evaluation import EpochTimer
@@ -272,7 +275,7 @@ def train(model, dataset, epochs: int, strategy, validation_data=None, backup_di
     callbacks = [EpochTimer(), *(callbacks or [])]
     if backup_dir is None:
         if patience is not None:
-            callbacks.append(early_stopping(patience))
+            callbacks.append(early_stopping(patience, start_from_epoch=start_from_epoch))
         return model.fit(
             dataset, epochs=epochs, validation_data=validation_data, callbacks=callbacks, verbose=verbose
         ).history
@@ -290,7 +293,7 @@ def train(model, dataset, epochs: int, strategy, validation_data=None, backup_di
     # epoch's start (keras/src/trainers/epoch_iterator.py): two draws of the order per epoch
     # (also in an epoch that early stopping ends).
     skip_passes(dataset, 2 * start, consume=False)
-    stopper = early_stopping(patience, backup_dir, history) if patience is not None else None
+    stopper = early_stopping(patience, backup_dir, history, start_from_epoch) if patience is not None else None
 
     def record(epoch, logs):
         _append(history, logs)
@@ -340,8 +343,9 @@ def _save_finished(model, backup_dir: Path, history: dict, epochs: int) -> None:
     os.replace(tmp, backup_dir / FINISHED.format(epochs=epochs))
 
 
-def early_stopping(patience: int, backup_dir: Path | None = None, history: dict | None = None):
-    """``keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)``, resumable.
+def early_stopping(patience: int, backup_dir: Path | None = None, history: dict | None = None,
+                   start_from_epoch: int = 0):  # fmt: skip
+    """``keras.callbacks.EarlyStopping(monitor="val_loss", patience, restore_best_weights=True, start_from_epoch)``, resumable.
 
     Without ``backup_dir`` it is Keras's callback unchanged. With it, the best epoch's
     weights are also written to ``backup_dir/best-<epoch>.npz`` (``prune()`` removes older
@@ -359,10 +363,12 @@ def early_stopping(patience: int, backup_dir: Path | None = None, history: dict 
             super().on_train_begin(logs)
             losses = (history or {}).get("val_loss", [])
             for epoch, value in enumerate(losses):
+                if epoch < self.start_from_epoch:  # Keras's rule: the warm-up epochs are not watched
+                    continue
                 self.wait += 1
                 if self.best is None or value < self.best:
                     self.best, self.best_epoch, self.wait = value, epoch, 0
-            if losses:
+            if self.best is not None:  # some replayed epoch was watched: its weights are the best so far
                 with np.load(backup_dir / f"best-{self.best_epoch}.npz") as saved:
                     self.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
@@ -378,7 +384,8 @@ def early_stopping(patience: int, backup_dir: Path | None = None, history: dict 
                 if path.name != f"best-{self.best_epoch}.npz":
                     path.unlink(missing_ok=True)
 
-    return ResumableEarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+    return ResumableEarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True,
+                                  start_from_epoch=start_from_epoch)  # fmt: skip
 
 
 def _finished_epochs(backup_dir: Path) -> int:
@@ -422,7 +429,8 @@ def _per_example_loss(model):
 
 
 def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None, backup_dir: Path | None = None,
-                    verbose="auto", callbacks: list | None = None, patience: int | None = None) -> dict:  # fmt: skip
+                    verbose="auto", callbacks: list | None = None, patience: int | None = None,
+                    start_from_epoch: int = 0) -> dict:  # fmt: skip
     """The shared distributed custom loop: ``strategy.run`` of one step per global batch.
 
     Works under any ``tf.distribute`` strategy (``default`` included, which the unit tests
@@ -512,7 +520,7 @@ def distributed_fit(model, dataset, epochs: int, strategy, validation_data=None,
     skip_passes(batches, 2 * start, consume=False)
     validation = strategy.experimental_distribute_dataset(validation_data) if validation_data is not None else None
     show = verbose not in (0, False) and is_chief()
-    stopper = early_stopping(patience, backup_dir, history) if patience is not None else None
+    stopper = early_stopping(patience, backup_dir, history, start_from_epoch) if patience is not None else None
     hooks = keras.callbacks.CallbackList([*(callbacks or []), *([stopper] if stopper else [])], model=model)
     model.stop_training = False
     hooks.on_train_begin()

@@ -167,14 +167,14 @@ def test_early_stopping_restores_the_best_epoch_on_both_paths(monkeypatch, path)
     assert val_loss == pytest.approx(history["val_loss"][best], rel=1e-5)  # the best epoch's weights restored
 
 
-def two_phases(tmp_path, name: str, kill: tuple[str, int] | None = None):
+def two_phases(tmp_path, name: str, kill: tuple[str, int] | None = None, start_from_epoch: int = 0):
     """A fine_tune-like run: phase one (early stopping) then phase two on the same model and pipeline."""
     strategy = tf.distribute.get_strategy()
     backup = distributed.Backup(str(tmp_path / name))
     model, data = small_model(), shuffled()
     hooks = {phase: [KillAt(kill[1])] if kill and kill[0] == phase else [] for phase in ("one", "two")}
     one = distributed.train(model, data, 20, strategy, validation(), backup.phase("one"), hooks["one"], verbose=0,
-                            patience=2)  # fmt: skip
+                            patience=2, start_from_epoch=start_from_epoch)  # fmt: skip
     two = distributed.train(model, data, 3, strategy, validation(), backup.phase("two"), hooks["two"], verbose=0)
     backup.finish()
     return model, one, two
@@ -195,3 +195,19 @@ def test_a_run_killed_in_either_phase_resumes_to_the_same_weights(monkeypatch, t
     assert max_difference(resumed, whole) == 0.0
     assert resumed_one["val_loss"] == one["val_loss"] and resumed_two["loss"] == two["loss"]
     assert not (tmp_path / "killed").exists()
+
+
+@pytest.mark.parametrize("path", ["fit", "custom"])
+def test_early_stopping_warm_up_epochs_are_not_watched_and_resume(monkeypatch, tmp_path, path):
+    """``start_from_epoch`` (Keras's warm-up): the best epoch is sought from there on, stopping 2 epochs after it;
+    a run killed inside the warm-up and one killed after it resume to the uninterrupted run's weights."""
+    monkeypatch.setattr(distributed, "uses_fit", lambda strategy: path == "fit")
+    set_seed(0)
+    whole, one, _ = two_phases(tmp_path, "whole", start_from_epoch=6)
+    best = 6 + int(np.argmin(one["val_loss"][6:]))
+    assert len(one["val_loss"]) == min(best + 3, 20) >= 9  # watched from epoch 6 only
+    for kill_at in (3, 8):
+        with pytest.raises(Killed):
+            two_phases(tmp_path, "killed", ("one", kill_at), start_from_epoch=6)
+        resumed, resumed_one, _ = two_phases(tmp_path, "killed", start_from_epoch=6)
+        assert max_difference(resumed, whole) == 0.0 and resumed_one["val_loss"] == one["val_loss"]
