@@ -299,3 +299,54 @@ def imagenet_class_names() -> list[str]:
     from tensorflow_datasets.datasets.siscore.labels import IMAGENET_LABELS_LIST
 
     return list(IMAGENET_LABELS_LIST)
+
+
+def sample_photos(side: int = 224) -> dict[str, np.ndarray]:
+    """scikit-learn's two bundled photos as ``side`` x ``side`` centre crops, 0-255 RGB float32, each (side, side, 3).
+
+    ``{"china.jpg": a temple, "flower.jpg": a daisy}``, from ``sklearn.datasets.load_sample_images``
+    (offline; resized with bicubic antialiasing, as ImageNet evaluation crops are).
+    """
+    import tensorflow as tf
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    crops = {}
+    for path, image in zip(photos.filenames, photos.images):
+        height, width = image.shape[:2]
+        edge = min(height, width)
+        top, left = (height - edge) // 2, (width - edge) // 2
+        crop = image[None, top : top + edge, left : left + edge].astype("float32")
+        resized = tf.image.resize(crop, (side, side), method="bicubic", antialias=True).numpy()[0]
+        crops[Path(path).name] = np.clip(resized, 0, 255)
+    return crops
+
+
+def photo_top5(model: keras.Model, preprocess, side: int = 224, k: int = 5) -> dict[str, list[tuple[str, float]]]:
+    """Check any ImageNet-1k classifier on two real photos: ``{photo: [(class name, probability), ...]}``.
+
+    ``model``: images -> 1,000 logits or probabilities (a backbone *with* its ImageNet top);
+    ``preprocess``: 0-255 RGB float images (N, side, side, 3) -> the model's inputs, e.g.
+    ``keras.applications.mobilenet_v2.preprocess_input`` or ``lambda x: x / 127.5 - 1`` for
+    EfficientNet-Lite0. A backbone loaded and fed correctly puts palace / monastery / bell cote /
+    castle-like classes first for ``china.jpg`` and ``daisy`` for ``flower.jpg``; a wrong input
+    convention or wrongly loaded weights do not. Raises ``InputError`` if the model does not give
+    1,000 scores.
+    """
+    photos = sample_photos(side)
+    outputs = np.asarray(model(np.asarray(preprocess(np.stack(list(photos.values()))), "float32"), training=False))
+    if outputs.ndim != 2 or outputs.shape[1] != 1000:
+        raise InputError(f"photo_top5 needs a model with 1,000 ImageNet outputs; this one gives {outputs.shape[1:]}")
+    if not np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3) or outputs.min() < 0:  # logits -> probabilities
+        outputs = np.exp(outputs - outputs.max(axis=1, keepdims=True))
+        outputs /= outputs.sum(axis=1, keepdims=True)
+    names = imagenet_class_names()
+    return {photo: [(names[i], float(row[i])) for i in np.argsort(-row)[:k]] for photo, row in zip(photos, outputs)}
+
+
+if __name__ == "__main__":  # python -m common.efficientnet_lite: convert (or load the cache), then the photo check
+    from common.bases import cache_dir
+
+    lite0 = load_lite0(cache_dir())
+    for photo, top in photo_top5(lite0, lambda x: x / 127.5 - 1).items():
+        print(f"{photo}: " + ", ".join(f"{name} {p:.2f}" for name, p in top))

@@ -12,8 +12,6 @@ import sys
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from sklearn.datasets import load_sample_images
 
 from common import bases, efficientnet_lite, models
 from common.errors import InputError, MissingInputError
@@ -41,14 +39,7 @@ def lite0(tmp_path_factory):
 @pytest.fixture(scope="module")
 def photos():
     """The two photos as 224x224 centre crops, 0-255 RGB float32, (2, 224, 224, 3)."""
-    crops = []
-    for image in load_sample_images().images:
-        height, width = image.shape[:2]
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        crop = image[None, top : top + side, left : left + side].astype("float32")
-        crops.append(tf.image.resize(crop, (224, 224), method="bicubic", antialias=True).numpy()[0])
-    return np.clip(np.stack(crops), 0, 255)
+    return np.stack(list(efficientnet_lite.sample_photos(224).values()))
 
 
 def top5(model, inputs) -> list[list[str]]:
@@ -61,6 +52,21 @@ def test_real_photos_get_their_imagenet_classes(lite0, photos):
     temple, flower = top5(lite0["fresh"], efficientnet_lite.preprocess(photos / 255))
     assert TEMPLE & set(temple), temple
     assert flower[0] == "daisy", flower
+
+
+def test_the_photo_check_users_run_reads_any_imagenet_classifier(lite0):
+    """``photo_top5``, the README's check of one's own backbone: probabilities, in order, for both photos."""
+    top = efficientnet_lite.photo_top5(lite0["cached"], lambda x: x / 127.5 - 1)
+    assert list(top) == ["china.jpg", "flower.jpg"] and top["flower.jpg"][0][0] == "daisy"
+    assert TEMPLE & {name for name, _ in top["china.jpg"]}
+    for ranked in top.values():
+        probabilities = [p for _, p in ranked]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1
+    wrong = efficientnet_lite.photo_top5(lite0["cached"], lambda x: x)  # the 0-255 values fed unscaled
+    assert wrong["flower.jpg"][0][0] != "daisy"
+    with pytest.raises(InputError, match="1,000 ImageNet outputs"):
+        efficientnet_lite.photo_top5(keras.Sequential([keras.Input((224, 224, 3)), keras.layers.Flatten(),
+                                                       keras.layers.Dense(10)]), lambda x: x / 255)  # fmt: skip
 
 
 def test_the_cached_model_gives_the_fresh_conversions_logits(lite0, photos):

@@ -101,13 +101,38 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         ACCURACY,
     ),
     Experiment(
+        "feature_extraction_lite0",
+        "| 2 | `feature_extraction`, ImageNet base |",
+        "EfficientNet-Lite0 pretrained on ImageNet (offline weights), frozen, 96x96 RGB; a new head for 5-9, "
+        "10 labels per class",
+        "feature_extraction",
+        ("--base", "efficientnet_lite0"),
+        (0, 1, 2),
+        "scratch",
+        ("feature_extraction",),
+        ACCURACY,
+    ),
+    Experiment(
         "fine_tune",
         "| 3 | [`fine_tune`](recipes/fine_tune.py) |",
-        "the same base; head until early stopping, then the top 4 layers unfrozen at lr 1e-4, BatchNorm frozen; "
+        "the same base; head until early stopping, then its top block (4 layers) unfrozen at lr 1e-4, BatchNorm "
+        "frozen; "
         "10 labels + 10 for validation per class",
         "fine_tune",
         (),
         (0, 1, 2, 3, 4),
+        "scratch",
+        ("fine_tune", "head_only"),
+        ACCURACY,
+    ),
+    Experiment(
+        "fine_tune_lite0",
+        "| 3 | `fine_tune`, ImageNet base |",
+        "EfficientNet-Lite0 (ImageNet), 96x96; head, then its top block (`top_conv`) unfrozen, BatchNorm frozen; "
+        "10 + 10 labels per class",
+        "fine_tune",
+        ("--base", "efficientnet_lite0"),
+        (0, 1, 2),
         "scratch",
         ("fine_tune", "head_only"),
         ACCURACY,
@@ -168,9 +193,20 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         ACCURACY,
     ),
     Experiment(
+        "self_training_lite0",
+        "| 5 | `self_training`, ImageNet base |",
+        "EfficientNet-Lite0 (ImageNet), 96x96, the same labels and pool; Curriculum Labeling in its feature space",
+        "self_training",
+        ("--base", "efficientnet_lite0"),
+        (0, 1, 2),
+        "transfer",
+        ("self_training", "scratch"),
+        ACCURACY,
+    ),
+    Experiment(
         "choose_source",
         "| 6 | [`choose_source`](recipes/choose_source.py) |",
-        "Fashion-MNIST 5-9, 20 labels per class; six candidate sources scored before training (LogME, LEEP, NCE, "
+        "Fashion-MNIST 5-9, 20 labels per class; seven candidate sources (one ImageNet) scored before training (LogME, LEEP, NCE, "
         "H-score), truth: a head on each one's features",
         "choose_source",
         (),
