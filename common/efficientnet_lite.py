@@ -301,6 +301,27 @@ def imagenet_class_names() -> list[str]:
     return list(IMAGENET_LABELS_LIST)
 
 
+def stem_statistics_gap(model: keras.Model, inputs: np.ndarray) -> dict[str, float]:
+    """How far ``inputs`` are from what the stem saw in training, per the stem BatchNorm's statistics.
+
+    ``model``: the port (``build_lite0`` with weights); ``inputs``: (N, H, W, 3) already
+    preprocessed. The stem BatchNorm's moving mean and variance are those of its input (the
+    stem convolution's output) over ImageNet training images, per channel; the input
+    convention that reproduces them on real photos is the one the weights expect. Returns
+    ``{"variance": mean |log(batch var / moving var)|, "mean": mean |batch mean - moving mean|
+    / moving std}`` over the channels whose moving variance is at least 1e-4 (0 is a perfect
+    match; dimensionless). The variance gap tells the value range apart, the mean gap also the
+    channel order.
+    """
+    stem = keras.Model(model.inputs[0], model.get_layer("stem_conv").output)
+    out = np.asarray(stem(np.asarray(inputs, "float32"))).reshape(-1, STEM_FILTERS)
+    _, _, moving_mean, moving_variance = model.get_layer("stem_bn").get_weights()
+    live = moving_variance > 1e-4
+    variance = np.mean(np.abs(np.log(out.var(axis=0)[live] / moving_variance[live])))
+    mean = np.mean(np.abs(out.mean(axis=0)[live] - moving_mean[live]) / np.sqrt(moving_variance[live]))
+    return {"variance": float(variance), "mean": float(mean)}
+
+
 def sample_photos(side: int = 224) -> dict[str, np.ndarray]:
     """scikit-learn's two bundled photos as ``side`` x ``side`` centre crops, 0-255 RGB float32, each (side, side, 3).
 
@@ -344,9 +365,25 @@ def photo_top5(model: keras.Model, preprocess, side: int = 224, k: int = 5) -> d
     return {photo: [(names[i], float(row[i])) for i in np.argsort(-row)[:k]] for photo, row in zip(photos, outputs)}
 
 
-if __name__ == "__main__":  # python -m common.efficientnet_lite: convert (or load the cache), then the photo check
+CONVENTIONS = {  # input conventions a port could be fed, as functions of 0-255 RGB values
+    "[-1, 1] (ours)": lambda x: x / 127.5 - 1,
+    "[-1, 1], BGR": lambda x: x[..., ::-1] / 127.5 - 1,
+    "ImageNet mean/std": lambda x: (x / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225]),
+    "[0, 1]": lambda x: x / 255,
+    "0-255": lambda x: x,
+}
+
+
+if __name__ == "__main__":  # python -m common.efficientnet_lite: the port's checks, on the two photos at 224 px
     from common.bases import cache_dir
 
     lite0 = load_lite0(cache_dir())
-    for photo, top in photo_top5(lite0, lambda x: x / 127.5 - 1).items():
-        print(f"{photo}: " + ", ".join(f"{name} {p:.2f}" for name, p in top))
+    photos = np.stack(list(sample_photos(224).values()))
+    print("input convention      stem-BN gap: variance  mean  top-1 (china.jpg / flower.jpg)")
+    for name, convention in CONVENTIONS.items():
+        top = photo_top5(lite0, convention)
+        firsts = " / ".join(ranked[0][0].split(",")[0] for ranked in top.values())
+        gap = stem_statistics_gap(lite0, convention(photos))
+        print(f"{name:<20}  {gap['variance']:>21.3f}  {gap['mean']:.3f}  {firsts}")
+    for photo, top in photo_top5(lite0, CONVENTIONS["[-1, 1] (ours)"]).items():
+        print(f"{photo}: " + ", ".join(f"{name.split(',')[0]} {p:.2f}" for name, p in top))
