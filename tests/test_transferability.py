@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -67,6 +68,49 @@ def test_logme_does_not_depend_on_the_scale_of_the_features():
     rng = np.random.default_rng(1)
     features, labels = rng.normal(size=(30, 8)), np.arange(30) % 3
     assert tr.logme(100 * features, labels) == pytest.approx(tr.logme(features, labels), abs=1e-6)
+
+
+def eigen_brute_force_logme(features: np.ndarray, labels: np.ndarray) -> float:
+    """The evidence maximised over (log alpha, log beta) by scipy, from the eigendecomposition of F F^T (no SVD).
+
+    A grid over both, then Nelder-Mead from its best point; fast enough for N = 100 (O(N) per evaluation).
+    """
+    eigen, vectors = np.linalg.eigh(features @ features.T)
+    eigen = np.clip(eigen, 0.0, None)
+    n, values = len(labels), []
+    for c in range(labels.max() + 1):
+        z2 = (vectors.T @ (labels == c).astype(np.float64)) ** 2
+
+        def negative(p, z2=z2):
+            variance = eigen * math.exp(-p[0]) + math.exp(-p[1])  # F F^T / alpha + I / beta, diagonalised
+            return (n * math.log(2 * math.pi) + np.sum(np.log(variance)) + np.sum(z2 / variance)) / (2 * n)
+
+        grid = [(a, b) for a in np.linspace(-12, 12, 49) for b in np.linspace(-12, 12, 49)]
+        start = min(grid, key=negative)
+        best = optimize.minimize(negative, start, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14})
+        values.append(-best.fun)
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("n, d", [(40, 256), (100, 12)])  # N < D (issue 44: 100 steps stopped short) and N > D
+def test_logme_on_random_features_is_the_maximum_evidence_at_every_scale(n, d):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 4
+    features = rng.normal(size=(n, d))  # no signal: maxima on the boundary and in the interior, slow to iterate to
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning (overflow), no LogMEConvergenceWarning
+        scores = {scale: tr.logme(scale * features, labels) for scale in (1e-3, 1.0, 1e3)}
+    assert scores[1e-3] == pytest.approx(scores[1.0], abs=1e-6)
+    assert scores[1e3] == pytest.approx(scores[1.0], abs=1e-6)
+    assert scores[1.0] == pytest.approx(eigen_brute_force_logme(features, labels), abs=1e-6)
+
+
+def test_logme_warns_when_its_search_stops_before_the_tolerance():
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(40, 6)), np.arange(40) % 3
+    features[:, 0] += 2.0 * labels  # an interior maximum to search for
+    with pytest.warns(tr.LogMEConvergenceWarning, match=r"class \d+: .* within 1 steps; the score is a lower bound"):
+        tr.logme(features, labels, max_iterations=1)
 
 
 def test_leep_by_hand_on_three_examples():
