@@ -59,16 +59,52 @@ def parse_score_names(spec: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _check_labels(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-    labels = np.asarray(labels).reshape(-1)
+def _as_integer_labels(values, name: str, where: str, what: str) -> np.ndarray:
+    """``values`` as a 1-D int64 array, or a ValueError naming the argument ``name`` of ``where``.
+
+    (N,) or (N, 1); integer dtype or integral floats (0.0, 1.0, ...). ``what`` describes the
+    expected labels in the message.
+    """
+    array = np.asarray(values)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        hint = ""
+        if array.ndim == 2 and np.issubdtype(array.dtype, np.floating):
+            hint = " (a 2-D float array looks like per-class probabilities: take their argmax, or pass them as source_probs= to leep)"
+        raise ValueError(
+            f"{where}: {name} must be 1-D integer labels {what}, one per example; got shape {array.shape}{hint}"
+        )
+    if array.size == 0:
+        raise ValueError(f"{where}: {name} is empty; it must hold one integer label {what} per example")
+    integral = np.issubdtype(array.dtype, np.integer) or (
+        np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array))
+    )
+    if not integral:
+        raise ValueError(
+            f"{where}: {name} must be integer labels {what}; got {array.dtype} values such as {array[0]!r}"
+        )
+    array = array.astype(np.int64)
+    if array.min() < 0:
+        raise ValueError(f"{where}: {name} must be integer labels {what}; got {int(array.min())}")
+    return array
+
+
+def _check_labels(
+    labels: np.ndarray, n: int, where: str = "score", rows: str = "rows of features"
+) -> tuple[np.ndarray, int]:
+    """Target ``labels`` as (N,) int64 covering 0..C-1, and C; errors name ``labels`` and the function ``where``."""
+    labels = _as_integer_labels(labels, "labels", where, "0..C-1 (the target classes)")
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} examples")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError("labels must be integers 0..C-1")
+        raise ValueError(f"{where}: labels has {len(labels)} entries for {n} {rows}; both are one per target image")
     num_classes = int(labels.max()) + 1
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:
-        raise ValueError(f"classes {missing} have no example; labels must cover 0..C-1")
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"{where}: labels has no example of classes {shown}; the target labels must cover 0..C-1"
+            + (" (source-classifier predictions go in source_labels=)" if where == "nce" else "")
+        )
     return labels, num_classes
 
 
@@ -144,7 +180,7 @@ def logme(features: np.ndarray, labels: np.ndarray, max_iterations: int = 200, t
     if f.ndim != 2:
         raise ValueError(f"features must be 2-D (N, D), got shape {f.shape}")
     n, _ = f.shape
-    labels, num_classes = _check_labels(labels, n)
+    labels, num_classes = _check_labels(labels, n, "logme")
     if not np.all(np.isfinite(f)):
         raise ValueError("features contain NaN or inf; LogME needs finite features")
     u, singular = thin_svd(f)
@@ -225,22 +261,31 @@ def _joint(source_probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np
     return joint / len(labels)
 
 
-def leep(source_probs: np.ndarray, labels: np.ndarray) -> float:
+def leep(*, source_probs: np.ndarray, labels: np.ndarray) -> float:
     """LEEP (Nguyen et al., ICML 2020): log expected empirical prediction, higher is better.
 
-    ``source_probs`` (N, C_s): the source classifier's softmax over its C_s source classes
-    for each target image (rows sum to 1); ``labels`` (N,) target classes 0..C_t-1. With the
-    empirical joint P(y, z) = 1/N sum_{i: y_i = y} p_i(z) and P(y | z) = P(y, z) / P(z),
+    Keyword-only: ``leep(source_probs=..., labels=...)``. ``source_probs`` (N, C_s): the
+    source classifier's softmax over its C_s source classes for each target image (rows sum
+    to 1); ``labels`` (N,) target classes 0..C_t-1, every class present. With the empirical
+    joint P(y, z) = 1/N sum_{i: y_i = y} p_i(z) and P(y | z) = P(y, z) / P(z),
 
         LEEP = 1/N sum_i log sum_z P(y_i | z) p_i(z)      (<= 0; 0 is perfect).
 
     As thuml/LogME ``LEEP.py`` and tllib ``log_expected_empirical_prediction``; a source
-    class that gets no probability mass at all (P(z) = 0) is left out of the sum.
+    class that gets no probability mass at all (P(z) = 0) is left out of the sum. A
+    ValueError names the argument at fault (a 1-D label array as ``source_probs``, logits
+    instead of probabilities, 2-D ``labels``, lengths that differ).
     """
     probs = np.asarray(source_probs, dtype=np.float64)
-    if probs.ndim != 2 or np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise ValueError("source_probs must be (N, C_s) probabilities whose rows sum to 1 (apply a softmax)")
-    labels, num_classes = _check_labels(labels, len(probs))
+    if probs.ndim != 2:
+        hint = " (1-D labels go in labels=)" if probs.ndim == 1 else ""
+        raise ValueError(
+            f"leep: source_probs must be 2-D (N, C_s) source-class probabilities, one row per target image; "
+            f"got shape {probs.shape}{hint}"
+        )
+    if not np.all(np.isfinite(probs)) or np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("leep: source_probs must be (N, C_s) probabilities whose rows sum to 1 (apply a softmax)")
+    labels, num_classes = _check_labels(labels, len(probs), "leep", "rows of source_probs")
     joint = _joint(probs, labels, num_classes)
     p_z = joint.sum(axis=0)
     used = p_z > 0
@@ -249,21 +294,23 @@ def leep(source_probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.log(expected[np.arange(len(labels)), labels])))
 
 
-def nce(source_labels: np.ndarray, labels: np.ndarray) -> float:
+def nce(*, source_labels: np.ndarray, labels: np.ndarray) -> float:
     """NCE (Tran et al., ICCV 2019): the negative conditional entropy -H(Y | Z), higher is better.
 
-    ``source_labels`` (N,): the source classifier's hard prediction (argmax over its source
-    classes) for each target image; ``labels`` (N,) target classes 0..C_t-1. With the
+    Keyword-only: ``nce(source_labels=..., labels=...)``. ``source_labels`` (N,): the source
+    classifier's hard prediction (argmax over its source classes, integers 0..C_s-1) for each
+    target image; ``labels`` (N,) target classes 0..C_t-1, every class present. With the
     empirical joint P(y, z) of the two label sequences,
 
         NCE = sum_{y, z} P(y, z) log P(y | z)             (<= 0; 0: z determines y).
 
     As tllib ``negative_conditional_entropy`` (which, like this, skips unused source classes).
+    A ValueError names the argument at fault: a 2-D array (probabilities) for either, non-integer
+    values, lengths that differ, or ``labels`` that miss a class (as source predictions given
+    as ``labels`` usually do).
     """
-    z = np.asarray(source_labels).reshape(-1).astype(np.int64)
-    labels, num_classes = _check_labels(labels, len(z))
-    if z.min() < 0:
-        raise ValueError("source labels must be integers 0..C_s-1")
+    z = _as_integer_labels(source_labels, "source_labels", "nce", "0..C_s-1 (the source classifier's argmax)")
+    labels, num_classes = _check_labels(labels, len(z), "nce", "entries of source_labels")
     joint = np.zeros((num_classes, int(z.max()) + 1))
     np.add.at(joint, (labels, z), 1.0 / len(z))
     p_z = joint.sum(axis=0, keepdims=True)
@@ -319,7 +366,7 @@ def h_score(features: np.ndarray, labels: np.ndarray, shrinkage: bool | float = 
     """
     f = np.asarray(features, dtype=np.float64)
     n, d = f.shape
-    labels, num_classes = _check_labels(labels, n)
+    labels, num_classes = _check_labels(labels, n, "h_score")
     centred = f - f.mean(axis=0)
     u, singular = thin_svd(centred)  # centred = U S V^T
     if singular.size == 0:
@@ -357,7 +404,9 @@ def compute(name: str, labels: np.ndarray, features: np.ndarray | None = None,
         return logme(features, labels) if name == "logme" else h_score(features, labels)
     if source_probs is None:
         return math.nan
-    return leep(source_probs, labels) if name == "leep" else nce(np.argmax(source_probs, axis=1), labels)
+    if name == "leep":
+        return leep(source_probs=source_probs, labels=labels)
+    return nce(source_labels=np.argmax(source_probs, axis=1), labels=labels)
 
 
 def compute_timed(names: Sequence[str], labels: np.ndarray, features: np.ndarray | None = None,

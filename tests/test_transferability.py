@@ -120,20 +120,80 @@ def test_leep_by_hand_on_three_examples():
     # Expected empirical predictions of the true labels: 0.8/2 + 0.2/7 = 3/7, 0.3/2 + 0.7 * 6/7 = 3/4,
     # 0.5/2 + 0.5 * 6/7 = 19/28.
     expected = (math.log(3 / 7) + math.log(3 / 4) + math.log(19 / 28)) / 3
-    assert tr.leep(probs, labels) == pytest.approx(expected, abs=1e-12)
+    assert tr.leep(source_probs=probs, labels=labels) == pytest.approx(expected, abs=1e-12)
 
 
 def test_nce_by_hand_on_three_examples():
     # z = (0, 0, 1), y = (0, 1, 1): given z = 0 (2 of 3 examples) y is a coin flip, given z = 1 it is certain.
-    assert tr.nce(np.array([0, 0, 1]), np.array([0, 1, 1])) == pytest.approx(-2 / 3 * math.log(2), abs=1e-12)
-    assert tr.nce(np.array([1, 0, 0]), np.array([0, 1, 1])) == pytest.approx(0.0, abs=1e-12)  # z determines y
+    assert tr.nce(source_labels=np.array([0, 0, 1]), labels=np.array([0, 1, 1])) == pytest.approx(
+        -2 / 3 * math.log(2), abs=1e-12
+    )
+    assert tr.nce(source_labels=np.array([1, 0, 0]), labels=np.array([0, 1, 1])) == pytest.approx(
+        0.0, abs=1e-12
+    )  # z determines y
 
 
 def test_leep_and_nce_reject_bad_inputs():
     with pytest.raises(ValueError, match="softmax"):
-        tr.leep(np.array([[2.0, -1.0], [0.5, 0.5]]), np.array([0, 1]))
+        tr.leep(source_probs=np.array([[2.0, -1.0], [0.5, 0.5]]), labels=np.array([0, 1]))
     with pytest.raises(ValueError, match="no example"):
-        tr.nce(np.array([0, 1]), np.array([0, 2]))
+        tr.nce(source_labels=np.array([0, 1]), labels=np.array([0, 2]))
+
+
+def test_leep_and_nce_take_keyword_arguments_only():
+    probs, labels = np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1])
+    with pytest.raises(TypeError):
+        tr.leep(probs, labels)
+    with pytest.raises(TypeError):
+        tr.nce(np.array([1, 0]), labels)
+
+
+def test_swapped_or_wrong_arguments_name_the_argument_at_fault():
+    """Issue 44: 500 probabilities for 100 labels passed to nce got "100 labels for 500 examples"."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(100) % 5  # every target class present
+    probs = rng.dirichlet(np.ones(8), size=100)  # (N, C_s) source-classifier probabilities
+    predictions = np.array([3, 6] * 50)  # the source classifier's argmax: only some source classes occur
+    cases = [
+        (
+            lambda: tr.nce(source_labels=probs, labels=labels),
+            r"nce: source_labels must be 1-D integer labels .*\(100, 8\).*probabilities",
+        ),
+        (
+            lambda: tr.nce(source_labels=predictions, labels=probs),
+            r"nce: labels must be 1-D integer labels .*\(100, 8\)",
+        ),
+        (
+            lambda: tr.nce(source_labels=labels, labels=predictions),
+            r"nce: labels has no example of classes 0, 1, 2, 4, 5\b.*source_labels=",
+        ),
+        (
+            lambda: tr.nce(source_labels=probs[:, 0], labels=labels),
+            r"nce: source_labels must be integer labels .*float64",
+        ),
+        (
+            lambda: tr.nce(source_labels=predictions[:40], labels=labels),
+            r"nce: labels has 100 entries for 40 entries of source_labels",
+        ),
+        (
+            lambda: tr.leep(source_probs=labels, labels=probs),
+            r"leep: source_probs must be 2-D .*shape \(100,\).*labels=",
+        ),
+        (lambda: tr.leep(source_probs=probs, labels=probs), r"leep: labels must be 1-D integer labels .*\(100, 8\)"),
+        (
+            lambda: tr.leep(source_probs=probs, labels=labels[:50]),
+            r"leep: labels has 50 entries for 100 rows of source_probs",
+        ),
+        (lambda: tr.leep(source_probs=np.log(probs), labels=labels), r"leep: source_probs must be .* rows sum to 1"),
+        (lambda: tr.logme(probs, labels[:50]), r"logme: labels has 50 entries for 100 rows of features"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    # Column vectors and integral floats are labels too.
+    assert tr.nce(source_labels=predictions[:, None].astype(float), labels=labels) == tr.nce(
+        source_labels=predictions, labels=labels
+    )
 
 
 def test_h_score_matches_its_definition_and_the_regularised_reference():
