@@ -44,7 +44,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from common import data, distributed, efficientnet_lite, models
+from common import data, distributed, efficientnet_lite, models, saving
 from common.errors import InputError, MissingInputError
 
 CACHE_DIR_ENV = "RECIPES_CACHE_DIR"
@@ -150,14 +150,14 @@ def check_base_args(spec: str, weights: str = "", image_size: int = 0, cut: str 
 
 def load_base(spec: str, weights: str = "", image_size: int = 0, source: data.Dataset | None = None,
               settings: SourceSettings | None = None, cut: str = "block2", verbose: int = 2,
-              layer: str = "") -> Base:  # fmt: skip
+              layer: str = "", flag: str = "--base") -> Base:  # fmt: skip
     """The base named by ``spec`` (see the module docstring).
 
     ``source`` (the source-class task) and ``settings`` are needed for ``source-cnn`` only;
     ``cut`` is the source-cnn's last block kept; ``image_size`` is the input side of a
     keras.applications backbone (0: 96), and of a ``.keras`` model that takes any size;
     ``layer`` (a recipe's ``--base-layer``) names the feature output of a backbone or a
-    ``.keras`` model.
+    ``.keras`` model. ``flag`` names the option in the errors about a ``.keras`` file.
     """
     check_base_args(spec, weights, image_size, cut, layer)
     kind = base_kind(spec)
@@ -169,7 +169,7 @@ def load_base(spec: str, weights: str = "", image_size: int = 0, source: data.Da
         return lite0_base(image_size or DEFAULT_BACKBONE_SIZE, layer)
     if kind == "backbone":
         return backbone_base(spec, weights or "imagenet", image_size or DEFAULT_BACKBONE_SIZE, layer)
-    return keras_file_base(spec, layer, image_size)
+    return keras_file_base(spec, layer, image_size, flag)
 
 
 # --- keras.applications -----------------------------------------------------------------
@@ -221,17 +221,18 @@ def lite0_base(side: int, layer: str = "") -> Base:
 # --- A saved .keras model ---------------------------------------------------------------
 
 
-def keras_file_base(path: str, layer: str = "", image_size: int = 0) -> Base:
+def keras_file_base(path: str, layer: str = "", image_size: int = 0, flag: str = "--base") -> Base:
     """A saved model as a base: cut at ``layer`` if given, else below its classifier (module docstring).
 
     An input side left open (``None``) becomes ``image_size`` (0: 96). Raises ``InputError``
-    for a file that is not a Keras model, an unknown ``layer``, inputs that are not images
+    for a file that is not a Keras model (``common.saving.load_model``: it names the classes
+    that are not registered and the Lambda layers safe mode refuses), an unknown ``layer``, inputs that are not images
     of 1 or 3 channels, and a feature output that is neither a vector nor a feature map.
     """
-    loaded = models.load_saved_model(path, "--base")
+    loaded = saving.load_model(path, flag)
     names = [lyr.name for lyr in loaded.layers]
     if layer:
-        model, uses = cut_at_layer(loaded, layer, f"--base {path!r}"), "chosen with --base-layer"
+        model, uses = cut_at_layer(loaded, layer, f"{flag} {path!r}"), "chosen with --base-layer"
     elif "base" in names and isinstance(loaded.get_layer("base"), keras.Model):
         model, uses = loaded.get_layer("base"), "its sub-model 'base'"
     elif "classifier" in names:
@@ -245,19 +246,19 @@ def keras_file_base(path: str, layer: str = "", image_size: int = 0) -> Base:
         model, uses = loaded, "the whole model (its output is not made by a Dense layer)"
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise InputError(
-            f"--base {path!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; one each is needed"
+            f"{flag} {path!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; one each is needed"
         )
     shape = tuple(model.input_shape[1:])
     if len(shape) != 3 or shape[-1] not in (1, 3):
         raise InputError(
-            f"--base {path!r} takes inputs of shape {shape}; an image model of (height, width, 1 or 3 channels) is needed"
+            f"{flag} {path!r} takes inputs of shape {shape}; an image model of (height, width, 1 or 3 channels) is needed"
         )
     side = image_size or DEFAULT_BACKBONE_SIZE
     shape = tuple(side if d is None else d for d in shape)
     output = model.output_shape
     if len(output) not in (2, 4):
         raise InputError(
-            f"--base {path!r}: the feature output {_output_name(model)!r} has shape {output}, neither a vector nor "
+            f"{flag} {path!r}: the feature output {_output_name(model)!r} has shape {output}, neither a vector nor "
             "a feature map; pass --base-layer NAME"
         )
     hint = "" if layer else "; --base-layer NAME picks another layer"
@@ -355,14 +356,16 @@ def source_cnn_base(source: data.Dataset, settings: SourceSettings, cut: str = "
     model = None
     if path.is_file() and meta_path.is_file():
         try:
-            model = keras.models.load_model(path, compile=False)
+            model = saving.load_model(path, "cached source-cnn base")
             info = json.loads(meta_path.read_text())
             info["cached"] = True
             print(
                 f"source-cnn base: reusing {path} ({100 * info['source_test_accuracy']:.1f}% on the source test images)"
             )
         except Exception as error:  # a damaged cache entry: pretrain again
-            print(f"source-cnn base: cannot read {path} ({type(error).__name__}); pretraining again")
+            print(
+                f"source-cnn base: {error if isinstance(error, InputError) else type(error).__name__}; pretraining again"
+            )
             model = None
     if model is None:
         print(f"source-cnn base: pretraining on {source} (cached as {path} if it beats chance)")

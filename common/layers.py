@@ -47,11 +47,29 @@ class AnnealedLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 "beta": self.beta}  # fmt: skip
 
 
+def _reverse_gradient(inputs, weight):
+    """``inputs`` unchanged forward (a copy: +-inf and NaN pass as they are), ``-weight * upstream`` backward.
+
+    Through ``keras.ops.custom_gradient``; no arithmetic on the values, as the former
+    ``held - w * (x - held)`` did (``inf - inf`` is NaN, reachable in float16 beyond 65504).
+    """
+
+    @ops.custom_gradient
+    def reverse(x):
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            return ops.negative(ops.multiply(upstream, ops.cast(weight, upstream.dtype)))
+
+        return ops.copy(x), grad
+
+    return reverse(inputs)
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class GradientReversal(keras.layers.Layer):
     """The gradient reversal layer of DANN (Ganin & Lempitsky 2015; Ganin et al. 2016).
 
-    Forward: the identity, ``y = x`` exactly, any shape. Backward: the incoming gradient
+    Forward: the identity, ``y = x`` exactly, any shape and dtype (+-inf and NaN included). Backward: the incoming gradient
     times ``-lambda``, so the layers below it learn to *increase* the loss of whatever is
     trained above it (a domain classifier): features that the domain classifier cannot
     separate.
@@ -85,9 +103,7 @@ class GradientReversal(keras.layers.Layer):
         weight = ops.cast(self.current_lambda(), inputs.dtype)
         if training and self.schedule_steps:
             self.step.assign_add(1.0)
-        held = ops.stop_gradient(inputs)
-        # inputs - held is exactly 0 forward, and carries the gradient: d(out)/d(inputs) = -weight.
-        return held - weight * (inputs - held)
+        return _reverse_gradient(inputs, weight)
 
     def compute_output_shape(self, input_shape):
         return input_shape

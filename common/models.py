@@ -163,27 +163,6 @@ def build_backbone(name: str, input_shape: tuple[int, int, int], weights: str | 
     return base
 
 
-def load_saved_model(path: str, flag: str = "--base") -> keras.Model:
-    """A model saved with ``model.save`` (``.keras``, or a legacy ``.h5``), for the flag ``flag``.
-
-    Raises ``MissingInputError`` if ``path`` does not exist and ``InputError`` naming the flag
-    and the path if it is not a Keras model (a damaged or foreign file, custom layers that
-    are not importable, a ``Lambda`` layer that Keras' safe mode refuses).
-    """
-    if not Path(path).is_file():
-        raise MissingInputError(f"{flag} {path!r}: no such model file")
-    try:
-        loaded = keras.models.load_model(path, compile=False)
-    except Exception as error:  # zipfile, h5py, JSON and deserialisation errors all mean "cannot use this file"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InputError(
-            f"{flag} {path!r} is not a Keras model that loads here ({type(error).__name__}: {reason})"
-        ) from error
-    if not isinstance(loaded, keras.Model):
-        raise InputError(f"{flag} {path!r} holds a {type(loaded).__name__}, not a Keras model")
-    return loaded
-
-
 def backbone_preprocess(name: str):
     """The backbone's own ``preprocess_input``, taking images in [0, 1] (ours) not [0, 255]."""
     preprocess = BACKBONES[name][1]

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from common.errors import InputError
 
@@ -57,16 +59,52 @@ def parse_score_names(spec: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _check_labels(labels: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-    labels = np.asarray(labels).reshape(-1)
+def _as_integer_labels(values, name: str, where: str, what: str) -> np.ndarray:
+    """``values`` as a 1-D int64 array, or a ValueError naming the argument ``name`` of ``where``.
+
+    (N,) or (N, 1); integer dtype or integral floats (0.0, 1.0, ...). ``what`` describes the
+    expected labels in the message.
+    """
+    array = np.asarray(values)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        hint = ""
+        if array.ndim == 2 and np.issubdtype(array.dtype, np.floating):
+            hint = " (a 2-D float array looks like per-class probabilities: take their argmax, or pass them as source_probs= to leep)"
+        raise ValueError(
+            f"{where}: {name} must be 1-D integer labels {what}, one per example; got shape {array.shape}{hint}"
+        )
+    if array.size == 0:
+        raise ValueError(f"{where}: {name} is empty; it must hold one integer label {what} per example")
+    integral = np.issubdtype(array.dtype, np.integer) or (
+        np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array)) and np.all(array == np.round(array))
+    )
+    if not integral:
+        raise ValueError(
+            f"{where}: {name} must be integer labels {what}; got {array.dtype} values such as {array[0]!r}"
+        )
+    array = array.astype(np.int64)
+    if array.min() < 0:
+        raise ValueError(f"{where}: {name} must be integer labels {what}; got {int(array.min())}")
+    return array
+
+
+def _check_labels(
+    labels: np.ndarray, n: int, where: str = "score", rows: str = "rows of features"
+) -> tuple[np.ndarray, int]:
+    """Target ``labels`` as (N,) int64 covering 0..C-1, and C; errors name ``labels`` and the function ``where``."""
+    labels = _as_integer_labels(labels, "labels", where, "0..C-1 (the target classes)")
     if len(labels) != n:
-        raise ValueError(f"{len(labels)} labels for {n} examples")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError("labels must be integers 0..C-1")
+        raise ValueError(f"{where}: labels has {len(labels)} entries for {n} {rows}; both are one per target image")
     num_classes = int(labels.max()) + 1
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:
-        raise ValueError(f"classes {missing} have no example; labels must cover 0..C-1")
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"{where}: labels has no example of classes {shown}; the target labels must cover 0..C-1"
+            + (" (source-classifier predictions go in source_labels=)" if where == "nce" else "")
+        )
     return labels, num_classes
 
 
@@ -94,71 +132,107 @@ def thin_svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u, singular
 
 
-def logme(features: np.ndarray, labels: np.ndarray, max_iterations: int = 100, tolerance: float = 1e-6) -> float:
+class LogMEConvergenceWarning(ConvergenceWarning):
+    """LogME's maximisation of the evidence did not reach its tolerance for some class (the score is a lower bound)."""
+
+
+def logme(features: np.ndarray, labels: np.ndarray, max_iterations: int = 200, tolerance: float = 1e-10) -> float:
     """LogME (You et al., ICML 2021): the maximum log evidence per example, averaged over classes.
 
     For each class c, the model is y_c = F w + noise, with a prior w ~ N(0, 1/alpha I_D) and
     noise N(0, 1/beta) on the one-hot column y_c; its evidence p(y_c | F, alpha, beta) is
-    maximised over alpha, beta > 0 by the fixed-point iteration of the LogME paper's second
-    version ("Ranking and Tuning Pre-trained Models", You et al. 2021, arXiv:2110.10545;
-    thuml/LogME ``_fit_fixed_point``), which needs one thin SVD of F and O(k) work per step:
+    maximised over alpha, beta > 0. Shapes: ``features`` (N, D) real, ``labels`` (N,)
+    integers 0..C-1. Returns a float (nats per example; higher is better). Warns
+    :class:`LogMEConvergenceWarning` (a scikit-learn ``ConvergenceWarning``) naming the class
+    if a root search stops at ``max_iterations`` before ``tolerance``; never stops silently.
 
-        t = alpha / beta,  gamma = sum_i s_i / (s_i + t),  (s_i: squared singular values)
-        alpha <- gamma / |m|^2,  beta <- (N - gamma) / |F m - y_c|^2.
+    With one thin SVD of F (k non-zero squared singular values s_i, y's squared coordinates
+    x_i along them, and |y|^2 outside their span) the best alpha for a given t = alpha / beta
+    has a closed form, so the evidence is a function E(t) of t alone (:func:`_profile_evidence`).
+    Its stationary points are the fixed points of the iteration of the LogME paper's second
+    version ("Ranking and Tuning Pre-trained Models", arXiv:2110.10545; thuml/LogME
+    ``_fit_fixed_point``):
 
-    Shapes: ``features`` (N, D) real, ``labels`` (N,) integers 0..C-1. Returns a float
-    (nats per example; higher is better).
+        gamma = sum_i s_i / (s_i + t),  alpha <- gamma / |m|^2,  beta <- (N - gamma) / |F m - y|^2,
 
-    The evidence is evaluated as log N(y_c; 0, (F F^T + t I) / alpha) with the best alpha
-    for the final t (the same value at a fixed point), which depends on F through its k
-    non-zero singular values only. Differences from thuml, each checked by the tests against
-    a direct maximisation of that Gaussian likelihood:
+    i.e. the roots of dE/dlog t = N t (-q'(t)) / q(t) - (N - gamma), q(t) = y^T (F F^T + t I)^-1 y.
+    Iterating that map creeps (over 40,000 steps on random features, where its rate is
+    close to 1), and 100 steps from alpha = beta = 1 left the score depending on the scale of
+    F; so here the equation is solved instead by bracketing: dE/dlog t on a grid of log t
+    (step 0.05) over [s_min * tolerance, s_max / tolerance], then ``scipy.optimize.brentq``
+    (to ``tolerance`` in log t, at most ``max_iterations`` steps) on every change of sign
+    from + to - (a maximum). E is also evaluated at the two boundary limits in closed form,
+    alpha -> infinity (the features explain nothing) and, when k = N, t -> 0 (y fitted
+    exactly), which the grid's ends approach to O(tolerance); the largest value is returned.
+    The singular values are divided by the largest first: E(t; c s) = E(t / c; s) exactly, so
+    the result does not depend on the features' scale, and every quantity is a ratio in
+    [0, 1] or a sum over bounded terms (no overflow; no ``(s + t)**2``).
 
-    - the D - k zero singular values of F add (D - k)/2 log alpha to the prior's normaliser
-      and take as much from log det A, so they cancel; thuml's ``_fit_fixed_point`` keeps the
-      first and drops the second, wrong when N < D (thuml/LogME issue #23), the usual case
-      here (100 images, up to 3,136 features);
-    - the maximum can lie on the boundary: alpha -> infinity (the features explain nothing,
-      y is noise) or, when k = N, t -> 0 (y fitted exactly), where the iteration only creeps
-      towards it; both limits have closed forms, and the larger of them and of the iterate's
-      value is returned;
-    - ``N - gamma`` is summed as (N - k) + sum_i t / (s_i + t) (no cancellation as t -> 0);
-      iterate until t changes by less than ``tolerance`` (relative; thuml: 1e-3 and at most 11
-      steps); no 1e-5 added to the denominators.
+    Differences from thuml, each checked by the tests against a direct maximisation:
+    the D - k zero singular values of F add (D - k)/2 log alpha to the prior's normaliser and
+    take as much from log det A, so they cancel; thuml's ``_fit_fixed_point`` keeps the first
+    and drops the second, wrong when N < D (thuml/LogME issue #23), the usual case here (100
+    images, up to 3,136 features); thuml stops after 11 steps at a relative change of 1e-3.
     """
+    from scipy import optimize
+
     f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {f.shape}")
     n, _ = f.shape
-    labels, num_classes = _check_labels(labels, n)
+    labels, num_classes = _check_labels(labels, n, "logme")
+    if not np.all(np.isfinite(f)):
+        raise ValueError("features contain NaN or inf; LogME needs finite features")
     u, singular = thin_svd(f)
     if singular.size == 0:
         raise ValueError("the features are all zero; LogME needs features of rank at least 1")
-    sigma = singular**2
+    sigma = (singular / singular[0]) ** 2  # scale-free: the largest is 1
     k = len(sigma)
-    tiny = np.finfo(np.float64).tiny
+    grid = np.arange(math.log(sigma[-1] * tolerance), math.log(1 / tolerance) + 0.05, 0.05)
     evidences = []
     for c in range(num_classes):
         y = (labels == c).astype(np.float64)
         x2 = (u.T @ y) ** 2  # y's energy along each singular direction
         outside = max(float(y @ y - x2.sum()), 0.0) if k < n else 0.0  # and outside the span of F
-        t = 1.0  # alpha / beta, from alpha = beta = 1 as thuml
-        for _ in range(max_iterations):
-            gamma = float(np.sum(sigma / (sigma + t)))
-            rest = (n - k) + float(np.sum(t / (sigma + t)))  # N - gamma, without cancellation
-            m2 = float(np.sum(sigma * x2 / (sigma + t) ** 2))  # |m|^2, m the posterior mean
-            residual = float(np.sum(x2 * (t / (sigma + t)) ** 2)) + outside  # |F m - y|^2
-            alpha = gamma / max(m2, tiny)
-            t_new = alpha * residual / rest  # alpha / beta with beta = (N - gamma) / residual
-            if not tiny < t_new < 1 / tiny:  # heading for a boundary, evaluated below
-                break
-            converged = abs(t_new - t) <= tolerance * t
-            t = t_new
-            if converged:
-                break
-        candidates = [_profile_evidence(t, sigma, x2, outside, n), _profile_evidence(math.inf, sigma, x2, outside, n)]
+        slope = _evidence_slope(np.exp(grid), sigma, x2, outside, n)
+        values = [_profile_evidence(math.inf, sigma, x2, outside, n)]
+        values += [_profile_evidence(math.exp(s), sigma, x2, outside, n) for s in (grid[0], grid[-1])]
         if k == n:
-            candidates.append(_profile_evidence(0.0, sigma, x2, outside, n))
-        evidences.append(max(candidates))
+            values.append(_profile_evidence(0.0, sigma, x2, outside, n))
+        for i in np.flatnonzero((slope[:-1] > 0) & (slope[1:] <= 0)):
+            root, result = optimize.brentq(
+                _slope_at, grid[i], grid[i + 1], args=(sigma, x2, outside, n), xtol=tolerance,
+                rtol=4 * np.finfo(np.float64).eps, maxiter=max_iterations, full_output=True, disp=False,
+            )  # fmt: skip
+            if not result.converged:
+                warnings.warn(
+                    f"LogME: class {c}: the evidence's maximum near t = {math.exp(root):.3g} (relative to the largest "
+                    f"squared singular value) was not located to {tolerance:g} in log t within {max_iterations} steps; "
+                    "the score is a lower bound",
+                    LogMEConvergenceWarning,
+                    stacklevel=2,
+                )
+            values.append(_profile_evidence(math.exp(root), sigma, x2, outside, n))
+        evidences.append(max(values))
     return float(np.mean(evidences))
+
+
+def _slope_at(log_t: float, sigma: np.ndarray, x2: np.ndarray, outside: float, n: int) -> float:
+    return float(_evidence_slope(np.array([math.exp(log_t)]), sigma, x2, outside, n)[0])
+
+
+def _evidence_slope(t: np.ndarray, sigma: np.ndarray, x2: np.ndarray, outside: float, n: int) -> np.ndarray:
+    """dE/dlog t times 2: N t (-q'(t)) / q(t) - (N - gamma), for each of the ``t`` (T,); its roots are LogME's fixed points.
+
+    With r_i = t / (s_i + t) in [0, 1]: t (-q') = sum_i x_i r_i / (s_i + t) + |y_out|^2 / t and
+    N - gamma = (N - k) + sum_i r_i, summed without cancellation.
+    """
+    t = t[:, None]
+    r = t / (sigma + t)  # (T, k)
+    inside = x2 / (sigma + t)  # (T, k)
+    out = outside / t[:, 0] if outside else 0.0
+    q = inside.sum(axis=1) + out
+    return n * ((inside * r).sum(axis=1) + out) / q - ((n - len(sigma)) + r.sum(axis=1))
 
 
 def _profile_evidence(t: float, sigma: np.ndarray, x2: np.ndarray, outside: float, n: int) -> float:
@@ -187,22 +261,31 @@ def _joint(source_probs: np.ndarray, labels: np.ndarray, num_classes: int) -> np
     return joint / len(labels)
 
 
-def leep(source_probs: np.ndarray, labels: np.ndarray) -> float:
+def leep(*, source_probs: np.ndarray, labels: np.ndarray) -> float:
     """LEEP (Nguyen et al., ICML 2020): log expected empirical prediction, higher is better.
 
-    ``source_probs`` (N, C_s): the source classifier's softmax over its C_s source classes
-    for each target image (rows sum to 1); ``labels`` (N,) target classes 0..C_t-1. With the
-    empirical joint P(y, z) = 1/N sum_{i: y_i = y} p_i(z) and P(y | z) = P(y, z) / P(z),
+    Keyword-only: ``leep(source_probs=..., labels=...)``. ``source_probs`` (N, C_s): the
+    source classifier's softmax over its C_s source classes for each target image (rows sum
+    to 1); ``labels`` (N,) target classes 0..C_t-1, every class present. With the empirical
+    joint P(y, z) = 1/N sum_{i: y_i = y} p_i(z) and P(y | z) = P(y, z) / P(z),
 
         LEEP = 1/N sum_i log sum_z P(y_i | z) p_i(z)      (<= 0; 0 is perfect).
 
     As thuml/LogME ``LEEP.py`` and tllib ``log_expected_empirical_prediction``; a source
-    class that gets no probability mass at all (P(z) = 0) is left out of the sum.
+    class that gets no probability mass at all (P(z) = 0) is left out of the sum. A
+    ValueError names the argument at fault (a 1-D label array as ``source_probs``, logits
+    instead of probabilities, 2-D ``labels``, lengths that differ).
     """
     probs = np.asarray(source_probs, dtype=np.float64)
-    if probs.ndim != 2 or np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
-        raise ValueError("source_probs must be (N, C_s) probabilities whose rows sum to 1 (apply a softmax)")
-    labels, num_classes = _check_labels(labels, len(probs))
+    if probs.ndim != 2:
+        hint = " (1-D labels go in labels=)" if probs.ndim == 1 else ""
+        raise ValueError(
+            f"leep: source_probs must be 2-D (N, C_s) source-class probabilities, one row per target image; "
+            f"got shape {probs.shape}{hint}"
+        )
+    if not np.all(np.isfinite(probs)) or np.any(probs < 0) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("leep: source_probs must be (N, C_s) probabilities whose rows sum to 1 (apply a softmax)")
+    labels, num_classes = _check_labels(labels, len(probs), "leep", "rows of source_probs")
     joint = _joint(probs, labels, num_classes)
     p_z = joint.sum(axis=0)
     used = p_z > 0
@@ -211,21 +294,23 @@ def leep(source_probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.log(expected[np.arange(len(labels)), labels])))
 
 
-def nce(source_labels: np.ndarray, labels: np.ndarray) -> float:
+def nce(*, source_labels: np.ndarray, labels: np.ndarray) -> float:
     """NCE (Tran et al., ICCV 2019): the negative conditional entropy -H(Y | Z), higher is better.
 
-    ``source_labels`` (N,): the source classifier's hard prediction (argmax over its source
-    classes) for each target image; ``labels`` (N,) target classes 0..C_t-1. With the
+    Keyword-only: ``nce(source_labels=..., labels=...)``. ``source_labels`` (N,): the source
+    classifier's hard prediction (argmax over its source classes, integers 0..C_s-1) for each
+    target image; ``labels`` (N,) target classes 0..C_t-1, every class present. With the
     empirical joint P(y, z) of the two label sequences,
 
         NCE = sum_{y, z} P(y, z) log P(y | z)             (<= 0; 0: z determines y).
 
     As tllib ``negative_conditional_entropy`` (which, like this, skips unused source classes).
+    A ValueError names the argument at fault: a 2-D array (probabilities) for either, non-integer
+    values, lengths that differ, or ``labels`` that miss a class (as source predictions given
+    as ``labels`` usually do).
     """
-    z = np.asarray(source_labels).reshape(-1).astype(np.int64)
-    labels, num_classes = _check_labels(labels, len(z))
-    if z.min() < 0:
-        raise ValueError("source labels must be integers 0..C_s-1")
+    z = _as_integer_labels(source_labels, "source_labels", "nce", "0..C_s-1 (the source classifier's argmax)")
+    labels, num_classes = _check_labels(labels, len(z), "nce", "entries of source_labels")
     joint = np.zeros((num_classes, int(z.max()) + 1))
     np.add.at(joint, (labels, z), 1.0 / len(z))
     p_z = joint.sum(axis=0, keepdims=True)
@@ -281,7 +366,7 @@ def h_score(features: np.ndarray, labels: np.ndarray, shrinkage: bool | float = 
     """
     f = np.asarray(features, dtype=np.float64)
     n, d = f.shape
-    labels, num_classes = _check_labels(labels, n)
+    labels, num_classes = _check_labels(labels, n, "h_score")
     centred = f - f.mean(axis=0)
     u, singular = thin_svd(centred)  # centred = U S V^T
     if singular.size == 0:
@@ -319,7 +404,9 @@ def compute(name: str, labels: np.ndarray, features: np.ndarray | None = None,
         return logme(features, labels) if name == "logme" else h_score(features, labels)
     if source_probs is None:
         return math.nan
-    return leep(source_probs, labels) if name == "leep" else nce(np.argmax(source_probs, axis=1), labels)
+    if name == "leep":
+        return leep(source_probs=source_probs, labels=labels)
+    return nce(source_labels=np.argmax(source_probs, axis=1), labels=labels)
 
 
 def compute_timed(names: Sequence[str], labels: np.ndarray, features: np.ndarray | None = None,

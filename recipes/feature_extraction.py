@@ -63,7 +63,7 @@ class Config(RecipeConfig):
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
     labels_per_class: int = knob(10, "Target training images per class (the label budget).", minimum=1)
     budgets: str = knob("", "Sweep several label budgets, e.g. '1,5,10,50' (overrides --labels-per-class).")
-    base: str = knob("source-cnn", "Pretrained base: source-cnn, efficientnet_lite0 (ImageNet, offline), a keras.applications name, or a .keras path.")  # fmt: skip
+    base: str = knob("source-cnn", "Pretrained base: source-cnn, efficientnet_lite0 (ImageNet, offline), a keras.applications name, or a .keras path. A .keras file with custom layers: RECIPES_IMPORT=module1,module2 imports their modules first; one with Lambda layers needs RECIPES_SAFE_MODE=0 (runs the file's code: trusted files only).")  # fmt: skip
     weights: str = knob("", "keras.applications weights: imagenet (default, online), none, or a weights file.")
     base_layer: str = knob(
         "", "Layer of a keras.applications or .keras base whose output is the features (default: below its classifier)."

@@ -68,7 +68,7 @@ class Config(RecipeConfig):
     val_per_class: int = knob(
         10, "Extra labelled images per class for early stopping and tuning (the validation split).", minimum=1
     )
-    base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, or a .keras path.")
+    base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, or a .keras path. A .keras file with custom layers: RECIPES_IMPORT=module1,module2 imports their modules first; one with Lambda layers needs RECIPES_SAFE_MODE=0 (runs the file's code: trusted files only).")  # fmt: skip
     weights: str = knob("", "keras.applications weights: imagenet (default, online), none, or a weights file.")
     base_layer: str = knob(
         "", "Layer of a keras.applications or .keras base whose output is the features (default: below its classifier)."

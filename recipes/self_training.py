@@ -69,7 +69,7 @@ class Config(RecipeConfig):
     pool: str = knob("", "Unlabeled pool: '' = the other target training images (labels hidden); folder:<path>.")
     unlabeled: int = knob(0, "Use this many pool images, drawn with the seed (0: all).", minimum=0)
     test_images: int = knob(0, "Evaluate on this many test images, stratified (0: all).", minimum=0)
-    base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, a .keras path, or none.")
+    base: str = knob("source-cnn", "Pretrained base: source-cnn, a keras.applications name, a .keras path, or none. A .keras file with custom layers: RECIPES_IMPORT=module1,module2 imports their modules first; one with Lambda layers needs RECIPES_SAFE_MODE=0 (runs the file's code: trusted files only).")  # fmt: skip
     weights: str = knob("", "keras.applications weights: imagenet (default, online), none, or a weights file.")
     base_layer: str = knob("", "Layer of a keras.applications/.keras base giving the features (default: bases.py).")
     source_width: int = knob(16, "Width of the source-cnn base (and of the --base none network).", minimum=1)

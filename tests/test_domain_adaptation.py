@@ -37,6 +37,31 @@ def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward(lambda_
     np.testing.assert_allclose(tape.gradient(loss, x).numpy(), -lambda_ * incoming.numpy(), rtol=1e-6)
 
 
+EXTREMES = [np.inf, -np.inf, np.nan, 65504.0, -65504.0, 6e-8, -0.0, 0.0, 1.0]  # float16: max, smallest subnormal
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_gradient_reversal_is_the_exact_identity_on_non_finite_and_extreme_inputs(policy):
+    """inf - inf is NaN: an identity written as held - w * (x - held) turned +-inf into NaN (issue 44)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        layer = GradientReversal(0.5)
+        dtype = "float16" if policy == "mixed_float16" else "float32"
+        values = EXTREMES + ([3.4e38, -3.4e38, 1e-45] if dtype == "float32" else [])
+        x = tf.constant(values, dtype=dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.constant(2.0, dtype=dtype))
+        assert y.dtype == x.dtype
+        np.testing.assert_array_equal(y.numpy(), x.numpy())  # NaN where NaN, +-inf kept
+        assert np.array_equal(np.signbit(y.numpy()), np.signbit(x.numpy()))  # -0.0 stays -0.0
+        np.testing.assert_array_equal(tape.gradient(loss, x).numpy(), np.full(len(values), -1.0, dtype=dtype))
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def test_gradient_reversal_schedule_follows_dann_and_counts_training_calls_only():
     layer = GradientReversal(0.5, schedule_steps=10)
     x = tf.ones((2, 3))

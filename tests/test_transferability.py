@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -69,6 +70,49 @@ def test_logme_does_not_depend_on_the_scale_of_the_features():
     assert tr.logme(100 * features, labels) == pytest.approx(tr.logme(features, labels), abs=1e-6)
 
 
+def eigen_brute_force_logme(features: np.ndarray, labels: np.ndarray) -> float:
+    """The evidence maximised over (log alpha, log beta) by scipy, from the eigendecomposition of F F^T (no SVD).
+
+    A grid over both, then Nelder-Mead from its best point; fast enough for N = 100 (O(N) per evaluation).
+    """
+    eigen, vectors = np.linalg.eigh(features @ features.T)
+    eigen = np.clip(eigen, 0.0, None)
+    n, values = len(labels), []
+    for c in range(labels.max() + 1):
+        z2 = (vectors.T @ (labels == c).astype(np.float64)) ** 2
+
+        def negative(p, z2=z2):
+            variance = eigen * math.exp(-p[0]) + math.exp(-p[1])  # F F^T / alpha + I / beta, diagonalised
+            return (n * math.log(2 * math.pi) + np.sum(np.log(variance)) + np.sum(z2 / variance)) / (2 * n)
+
+        grid = [(a, b) for a in np.linspace(-12, 12, 49) for b in np.linspace(-12, 12, 49)]
+        start = min(grid, key=negative)
+        best = optimize.minimize(negative, start, method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-14})
+        values.append(-best.fun)
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("n, d", [(40, 256), (100, 12)])  # N < D (issue 44: 100 steps stopped short) and N > D
+def test_logme_on_random_features_is_the_maximum_evidence_at_every_scale(n, d):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 4
+    features = rng.normal(size=(n, d))  # no signal: maxima on the boundary and in the interior, slow to iterate to
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning (overflow), no LogMEConvergenceWarning
+        scores = {scale: tr.logme(scale * features, labels) for scale in (1e-3, 1.0, 1e3)}
+    assert scores[1e-3] == pytest.approx(scores[1.0], abs=1e-6)
+    assert scores[1e3] == pytest.approx(scores[1.0], abs=1e-6)
+    assert scores[1.0] == pytest.approx(eigen_brute_force_logme(features, labels), abs=1e-6)
+
+
+def test_logme_warns_when_its_search_stops_before_the_tolerance():
+    rng = np.random.default_rng(0)
+    features, labels = rng.normal(size=(40, 6)), np.arange(40) % 3
+    features[:, 0] += 2.0 * labels  # an interior maximum to search for
+    with pytest.warns(tr.LogMEConvergenceWarning, match=r"class \d+: .* within 1 steps; the score is a lower bound"):
+        tr.logme(features, labels, max_iterations=1)
+
+
 def test_leep_by_hand_on_three_examples():
     probs = np.array([[0.8, 0.2], [0.3, 0.7], [0.5, 0.5]])
     labels = np.array([0, 1, 1])
@@ -76,20 +120,80 @@ def test_leep_by_hand_on_three_examples():
     # Expected empirical predictions of the true labels: 0.8/2 + 0.2/7 = 3/7, 0.3/2 + 0.7 * 6/7 = 3/4,
     # 0.5/2 + 0.5 * 6/7 = 19/28.
     expected = (math.log(3 / 7) + math.log(3 / 4) + math.log(19 / 28)) / 3
-    assert tr.leep(probs, labels) == pytest.approx(expected, abs=1e-12)
+    assert tr.leep(source_probs=probs, labels=labels) == pytest.approx(expected, abs=1e-12)
 
 
 def test_nce_by_hand_on_three_examples():
     # z = (0, 0, 1), y = (0, 1, 1): given z = 0 (2 of 3 examples) y is a coin flip, given z = 1 it is certain.
-    assert tr.nce(np.array([0, 0, 1]), np.array([0, 1, 1])) == pytest.approx(-2 / 3 * math.log(2), abs=1e-12)
-    assert tr.nce(np.array([1, 0, 0]), np.array([0, 1, 1])) == pytest.approx(0.0, abs=1e-12)  # z determines y
+    assert tr.nce(source_labels=np.array([0, 0, 1]), labels=np.array([0, 1, 1])) == pytest.approx(
+        -2 / 3 * math.log(2), abs=1e-12
+    )
+    assert tr.nce(source_labels=np.array([1, 0, 0]), labels=np.array([0, 1, 1])) == pytest.approx(
+        0.0, abs=1e-12
+    )  # z determines y
 
 
 def test_leep_and_nce_reject_bad_inputs():
     with pytest.raises(ValueError, match="softmax"):
-        tr.leep(np.array([[2.0, -1.0], [0.5, 0.5]]), np.array([0, 1]))
+        tr.leep(source_probs=np.array([[2.0, -1.0], [0.5, 0.5]]), labels=np.array([0, 1]))
     with pytest.raises(ValueError, match="no example"):
-        tr.nce(np.array([0, 1]), np.array([0, 2]))
+        tr.nce(source_labels=np.array([0, 1]), labels=np.array([0, 2]))
+
+
+def test_leep_and_nce_take_keyword_arguments_only():
+    probs, labels = np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1])
+    with pytest.raises(TypeError):
+        tr.leep(probs, labels)
+    with pytest.raises(TypeError):
+        tr.nce(np.array([1, 0]), labels)
+
+
+def test_swapped_or_wrong_arguments_name_the_argument_at_fault():
+    """Issue 44: 500 probabilities for 100 labels passed to nce got "100 labels for 500 examples"."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(100) % 5  # every target class present
+    probs = rng.dirichlet(np.ones(8), size=100)  # (N, C_s) source-classifier probabilities
+    predictions = np.array([3, 6] * 50)  # the source classifier's argmax: only some source classes occur
+    cases = [
+        (
+            lambda: tr.nce(source_labels=probs, labels=labels),
+            r"nce: source_labels must be 1-D integer labels .*\(100, 8\).*probabilities",
+        ),
+        (
+            lambda: tr.nce(source_labels=predictions, labels=probs),
+            r"nce: labels must be 1-D integer labels .*\(100, 8\)",
+        ),
+        (
+            lambda: tr.nce(source_labels=labels, labels=predictions),
+            r"nce: labels has no example of classes 0, 1, 2, 4, 5\b.*source_labels=",
+        ),
+        (
+            lambda: tr.nce(source_labels=probs[:, 0], labels=labels),
+            r"nce: source_labels must be integer labels .*float64",
+        ),
+        (
+            lambda: tr.nce(source_labels=predictions[:40], labels=labels),
+            r"nce: labels has 100 entries for 40 entries of source_labels",
+        ),
+        (
+            lambda: tr.leep(source_probs=labels, labels=probs),
+            r"leep: source_probs must be 2-D .*shape \(100,\).*labels=",
+        ),
+        (lambda: tr.leep(source_probs=probs, labels=probs), r"leep: labels must be 1-D integer labels .*\(100, 8\)"),
+        (
+            lambda: tr.leep(source_probs=probs, labels=labels[:50]),
+            r"leep: labels has 50 entries for 100 rows of source_probs",
+        ),
+        (lambda: tr.leep(source_probs=np.log(probs), labels=labels), r"leep: source_probs must be .* rows sum to 1"),
+        (lambda: tr.logme(probs, labels[:50]), r"logme: labels has 50 entries for 100 rows of features"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    # Column vectors and integral floats are labels too.
+    assert tr.nce(source_labels=predictions[:, None].astype(float), labels=labels) == tr.nce(
+        source_labels=predictions, labels=labels
+    )
 
 
 def test_h_score_matches_its_definition_and_the_regularised_reference():
