@@ -65,7 +65,7 @@ class Config(RecipeConfig):
     source_classes: str = knob("0-4", "Classes the source CNN candidates are pretrained on, e.g. '0-4'.")
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
     labels_per_class: int = knob(20, "Labelled target images per class, for the scores and the heads (at least 2).")
-    candidates: str = knob("default", "Comma list: 'default' (the six built-in candidates), source-<classes>-block1|2|3, source-<classes>-shuffled-labels[-block1|2|3], digits, untrained, a keras.applications name, a .keras path. A .keras file with custom layers: RECIPES_IMPORT=module1,module2 imports their modules first; one with Lambda layers needs RECIPES_SAFE_MODE=0 (runs the file's code: trusted files only).")  # fmt: skip
+    candidates: str = knob("default", "Comma list: 'default' (the seven built-in candidates), source-<classes>-block1|2|3, source-<classes>-shuffled-labels[-block1|2|3], digits, untrained, a keras.applications name, a .keras path. A .keras file with custom layers: RECIPES_IMPORT=module1,module2 imports their modules first; one with Lambda layers needs RECIPES_SAFE_MODE=0 (runs the file's code: trusted files only).")  # fmt: skip
     scores: str = knob("logme,leep,nce,hscore", "Scores to compute: logme, leep, nce, hscore.")
     weights: str = knob("", "Weights of keras.applications candidates: imagenet (default, online), none, or a file.")
     source_width: int = knob(16, "Width (first conv filters) of the source CNNs.")

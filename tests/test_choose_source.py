@@ -33,7 +33,7 @@ def test_quick_run_writes_scores_truth_and_correlations(tmp_path):
             "--out", str(tmp_path / "run")]  # fmt: skip
     record = cs.main(argv)
     names = ["source-0-4-block1", "source-0-4-block2", "source-0-4-block3", "source-0-4-shuffled-labels", "digits",
-             "untrained", "own_model", "mobilenet_v2"]  # fmt: skip
+             "untrained", "efficientnet_lite0", "own_model", "mobilenet_v2"]  # fmt: skip
     assert record["recipe"] == "choose_source" and record["baseline"] == "scratch"
     assert list(record["variants"]) == ["scratch", *names]
     for name, variant in record["variants"].items():
@@ -42,7 +42,7 @@ def test_quick_run_writes_scores_truth_and_correlations(tmp_path):
     # LEEP and NCE need a source classifier: the untrained network and a backbone without its top have none.
     for name in ("untrained", "mobilenet_v2", "scratch"):
         assert variants[name]["leep"] is None and variants[name]["nce"] is None, name
-    for name in ("source-0-4-block2", "digits", "own_model"):
+    for name in ("source-0-4-block2", "digits", "efficientnet_lite0", "own_model"):  # Lite0: its 1,000 ImageNet classes
         assert variants[name]["leep"] <= 0.0 and variants[name]["nce"] <= 0.0, name
     assert all(variants[name]["logme"] is not None for name in names)
     assert variants["source-0-4-shuffled-labels"]["cut"] == "block3"
