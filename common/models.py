@@ -89,7 +89,8 @@ def build_bn_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int
 
 
 def add_head(base: keras.Model, num_classes: int, dropout: float = 0.2, name: str = "classifier_model") -> keras.Model:
-    """``base`` -> [global pooling if its output is a feature map] -> dropout -> Dense logits.
+    """``base`` -> global pooling (``head_pool``) if its output is a feature map, else ``head_features``
+    (identity) -> dropout -> Dense logits.
 
     In Keras 3 the ``training=False`` given to the base here is only a default: a call
     ``model(x, training=True)`` (as ``fit`` makes) passes ``training=True`` down to every
@@ -101,6 +102,8 @@ def add_head(base: keras.Model, num_classes: int, dropout: float = 0.2, name: st
     x = base(inputs, training=False)
     if len(x.shape) == 4:
         x = layers.GlobalAveragePooling2D(name="head_pool")(x)
+    else:  # a named layer whose output is the features, as head_pool's is (common.regularizers.attach_bss)
+        x = layers.Identity(name="head_features")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     outputs = layers.Dense(num_classes, name="classifier")(x)
     return keras.Model(inputs, outputs, name=name)
@@ -169,14 +172,15 @@ def backbone_preprocess(name: str):
     return lambda images: preprocess(images * 255.0)
 
 
-def compile_classifier(model: keras.Model, learning_rate: float = 1e-3, steps_per_execution: int = 1) -> keras.Model:
-    """Adam + sparse cross-entropy on logits + accuracy. Call again after (un)freezing.
+def compile_classifier(model: keras.Model, learning_rate: float = 1e-3, steps_per_execution: int = 1,
+                       optimizer: keras.optimizers.Optimizer | None = None) -> keras.Model:  # fmt: skip
+    """Adam (or ``optimizer``) + sparse cross-entropy on logits + accuracy. Call again after (un)freezing.
 
     ``steps_per_execution`` > 1 runs that many training steps per compiled call: the same
     updates with less Python overhead, which dominates for a tiny model such as a head.
     """
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer or keras.optimizers.Adam(learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=steps_per_execution,

@@ -50,7 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from common import bases, data, distributed, evaluation, models, tuning
+from common import bases, data, distributed, evaluation, models, regularizers, tuning
 from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
 
 
@@ -95,6 +95,13 @@ class Config(RecipeConfig):
     dropout: float = knob(0.2, "Dropout rate before the head's Dense layer.", minimum=0.0, maximum=1.0)
     schedule: str = knob("blocks:1", "Phase 2: 'blocks:N' unfreezes the top N whole blocks (bases.weight_blocks), 'top:N' the top N layers with weights (BatchNorm layers count but stay frozen); 'gradual' one block more every --unfreeze-every epochs.")  # fmt: skip
     unfreeze_every: int = knob(4, "Gradual schedule: epochs between unfreezing one more block.", minimum=1)
+    regularizer: str = knob("none", "Phase 2: none | l2sp (pull the unfrozen weights to their pretrained values) | bss (shrink the smallest singular values of the batch's features).")  # fmt: skip
+    l2sp_alpha: float = knob(0.01, "L2-SP strength: alpha * sum((w - w0)^2) over the unfrozen weights.", minimum=0.0)
+    bss_eta: float = knob(1e-3, "BSS strength: eta * sum of the k smallest squared singular values.", minimum=0.0)
+    bss_k: int = knob(1, "BSS: how many of the smallest singular values are shrunk.", minimum=1)
+    layer_lr_decay: float = knob(
+        1.0, "Phase 2: learning rate x D per block down from the head (1: one rate for all).", minimum=0.0, maximum=1.0
+    )
     tune: bool = knob(False, "Search the phase-2 learning rate, layers unfrozen and dropout with keras-tuner first.")
     tuner: str = knob("hyperband", "Search algorithm: hyperband | random.")
     max_trials: int = knob(6, "Tuner: most hyperparameter combinations tried.", minimum=1)
@@ -212,9 +219,36 @@ def train_head(model: keras.Model, train, val, config: Config, strategy=None, ba
                              verbose=0, patience=config.patience)  # fmt: skip
 
 
-def unfreeze(model: keras.Model, num_layers: int, learning_rate: float) -> list[str]:
-    """Unfreeze the top ``num_layers`` layers with weights of the base (BatchNorm stays frozen); recompile."""
-    return models.unfreeze_base_top(model, num_layers, learning_rate)
+REGULARIZERS = ("none", "l2sp", "bss")
+
+
+def check_regularizer(config: Config) -> None:
+    if config.regularizer not in REGULARIZERS:
+        raise InputError(f"unknown --regularizer {config.regularizer!r}; choose one of {', '.join(REGULARIZERS)}")
+    if config.layer_lr_decay <= 0:
+        raise InputError(f"--layer-lr-decay {config.layer_lr_decay:g} must be in (0, 1]")
+
+
+def unfreeze(model: keras.Model, num_layers: int, learning_rate: float, config: Config | None = None) -> list[str]:
+    """Unfreeze the top ``num_layers`` layers with weights of the base (BatchNorm stays frozen); recompile.
+
+    With ``config``: its ``--regularizer`` on what is unfrozen (``common.regularizers``: L2-SP
+    towards the pretrained values, or BSS on the head's input features) and its
+    ``--layer-lr-decay`` (the top block at lr x D, the next at lr x D^2, ...; the head at lr).
+    """
+    base = models.inner_base(model)
+    unfrozen = models.unfreeze_top(base, num_layers)
+    multipliers = {}
+    if config is not None:
+        if config.regularizer == "l2sp":
+            regularizers.attach_l2sp([base.get_layer(name) for name in unfrozen], config.l2sp_alpha)
+        elif config.regularizer == "bss":
+            regularizers.attach_bss(model, config.bss_k, config.bss_eta)
+        if config.layer_lr_decay < 1:
+            multipliers = regularizers.layer_decay_multipliers(base, bases.weight_blocks(base), config.layer_lr_decay)
+    optimizer = regularizers.LayerwiseAdam(multipliers, learning_rate=learning_rate) if multipliers else None
+    models.compile_classifier(model, learning_rate, optimizer=optimizer)  # recompile, or the change is ignored
+    return unfrozen
 
 
 def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int = 0, strategy=None,
@@ -235,7 +269,7 @@ def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int
 
     if kind in ("top", "blocks"):
         num_layers = n if kind == "top" else layers_in_top_blocks(models.inner_base(model), n)
-        unfrozen = unfreeze(model, num_layers, lr)
+        unfrozen = unfreeze(model, num_layers, lr, config)
         print(f"  phase 2: unfroze {len(unfrozen)} layers ({', '.join(unfrozen)}) at learning rate {lr:g}")
         return stage(config.epochs, 0), {f"unfreeze top {n} {'layers' if kind == 'top' else 'blocks'}": initial_epoch}
     # Gradual: one more block (from the top) every `unfreeze_every` epochs.
@@ -248,7 +282,7 @@ def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int
         if depth < len(blocks):
             depth += 1
             layers_open += len(blocks[-depth])
-            unfrozen = unfreeze(model, layers_open, lr)
+            unfrozen = unfreeze(model, layers_open, lr, config)
             boundaries[f"unfreeze {blocks[-depth][0]}..."] = epoch
             print(f"  phase 2, epoch {epoch + 1}: {len(unfrozen)} layers trainable ({', '.join(unfrozen)})")
         stage_end = min(end, epoch + config.unfreeze_every) if depth < len(blocks) else end
@@ -289,17 +323,27 @@ def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir
 
     available = models.count_weighted_layers(base.model)
 
+    def strength(hp) -> dict:  # the chosen --regularizer's strength is searched too
+        if config.regularizer == "l2sp":
+            return {"l2sp_alpha": hp.Float("l2sp_alpha", 1e-4, 1.0, sampling="log")}
+        if config.regularizer == "bss":
+            return {"bss_eta": hp.Float("bss_eta", 1e-4, 1e-1, sampling="log")}
+        return {}
+
     class FineTuneModel(kt.HyperModel):
         def build(self, hp):
             dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
             hp.Int("unfreeze_layers", 1, available)
             hp.Float("fine_tune_learning_rate", 1e-5, 1e-4, sampling="log")
+            strength(hp)
             return build_model(bases.fresh_copy(base).model, num_classes, dropout, config.learning_rate)
 
         def fit(self, hp, model, *args, **kwargs):
             if "tuner/trial_id" not in hp.values:  # a new trial, not a resumed one
                 train_head(model, train, val, config)
-            unfreeze(model, hp.get("unfreeze_layers"), hp.get("fine_tune_learning_rate"))
+            unfreeze(
+                model, hp.get("unfreeze_layers"), hp.get("fine_tune_learning_rate"), replace(config, **strength(hp))
+            )
             return model.fit(*args, **kwargs)
 
     # Maximises val_accuracy; the tuner's own files go to run_dir/tuner.
@@ -314,9 +358,11 @@ def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir
 
 
 def apply_tuned(config: Config, best: dict) -> Config:
-    """``config`` with the tuned dropout, phase-2 learning rate and ``top:N`` schedule."""
+    """``config`` with the tuned dropout, phase-2 learning rate, ``top:N`` schedule and regulariser strength."""
+    strengths = {key: float(best[key]) for key in ("l2sp_alpha", "bss_eta") if key in best}
     return replace(
         config,
+        **strengths,
         dropout=float(best["dropout"]),
         fine_tune_learning_rate=float(best["fine_tune_learning_rate"]),
         schedule=f"top:{int(best['unfreeze_layers'])}",
@@ -332,6 +378,7 @@ def run(config: Config) -> dict:
     start = time.perf_counter()
     bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut, config.base_layer)
     parse_schedule(config.schedule)
+    check_regularizer(config)
     tuning.check_tuner(config.tuner)
     if config.tune:
         tuning.check_strategy(config.strategy, "phase 1, phase 2 and the scratch baseline",
@@ -373,7 +420,9 @@ def run(config: Config) -> dict:
 
     with strategy.scope():
         phase2, boundaries = fine_tune(model, ds["train"], ds["val"], config, len(phase1["loss"]), strategy, backup)
-    tuned_report = report(model, epochs=len(phase2["loss"]), schedule=config.schedule)
+    regularizers.detach_bss(model)  # the saved model needs nothing from common.regularizers
+    tuned_report = report(model, epochs=len(phase2["loss"]), schedule=config.schedule,
+                          regularizer=config.regularizer, layer_lr_decay=config.layer_lr_decay)  # fmt: skip
     print(f"  phase 2 (fine-tuned): test accuracy {tuned_report['test_accuracy']:.3f}")
 
     set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it

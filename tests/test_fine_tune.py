@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
-from common import bases
+from common import bases, regularizers
 from common.cli import set_seed
 from recipes import fine_tune as ft
 from tests.conftest import ROOT, execute_notebook
@@ -78,6 +80,33 @@ def test_gradual_schedule_unfreezes_one_block_at_a_time(setup):
     assert trainable == ["block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2"]
 
 
+def test_regularised_gradual_fine_tuning_keeps_the_pretrained_reference(setup):
+    """L2-SP's reference is the pretrained value even for a block unfrozen twice (gradual); layer decay rates."""
+    config, target, splits, loaded = setup
+    base = bases.fresh_copy(loaded)
+    pretrained = weights_by_name(base.model)
+    ds = ft.pipelines(splits, base, config)
+    model = ft.build_model(base.model, target.num_classes, config.dropout, config.learning_rate)
+    gradual = replace(config, schedule="gradual", epochs=2, unfreeze_every=1, regularizer="l2sp", l2sp_alpha=0.1,
+                      layer_lr_decay=0.5)  # fmt: skip
+    ft.fine_tune(model, ds["train"], ds["val"], gradual)
+    for layer in base.model.layers:
+        for variable in layer.trainable_weights:
+            assert isinstance(variable.regularizer, regularizers.L2SP), variable.path
+            np.testing.assert_array_equal(variable.regularizer.reference, pretrained[variable.path])
+    assert float(sum(model.losses)) > 0  # the weights moved away from their reference
+    multipliers = model.optimizer.multipliers
+    assert {multipliers[v.path] for v in base.model.get_layer("block2_conv1").weights} == {0.5}
+    assert {multipliers[v.path] for v in base.model.get_layer("block1_conv1").weights} == {0.25}
+
+
+def test_bss_run_saves_a_model_that_loads_without_the_regularizer(tmp_path):
+    record = ft.main(["--quick", "--regularizer", "bss", "--bss-eta", "0.01", "--out", str(tmp_path / "run")])
+    assert record["variants"]["fine_tune"]["regularizer"] == "bss"
+    model = keras.models.load_model(tmp_path / "run" / "model.keras")
+    assert all(layer.activity_regularizer is None for layer in model.layers)
+
+
 def test_quick_run_writes_the_run_folder(tmp_path):
     record = ft.main(["--quick", "--out", str(tmp_path / "run")])
     assert set(record["variants"]) == {"scratch", "head_only", "fine_tune"}
@@ -129,6 +158,8 @@ def test_imagenet_lite0_unfreezes_whole_blocks_from_the_top(tmp_path, capsys):
         (dict(base="not_a_backbone"), "unknown base"),
         (dict(labels_per_class=6000), r"--labels-per-class 6000 \+ --val-per-class 10 needs 6010 images per class"),
         (dict(dropout=1.5), r"--dropout 1.5: must be at most 1.0"),
+        (dict(regularizer="dropout"), "unknown --regularizer 'dropout'; choose one of none, l2sp, bss"),
+        (dict(layer_lr_decay=0.0), r"--layer-lr-decay 0 must be in \(0, 1\]"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, overrides, message, monkeypatch):
