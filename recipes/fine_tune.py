@@ -89,6 +89,11 @@ class Config(RecipeConfig):
         minimum=0,
     )
     epochs: int = knob(20, "Phase 2: fine-tuning epochs.", minimum=1)
+    fine_tune_patience: int = knob(
+        0,
+        "Phase 2: stop after this many epochs without a lower val loss, best weights kept (0: run every epoch).",
+        minimum=0,
+    )
     batch_size: int = knob(32, "Batch size (global, across replicas).", minimum=1)
     learning_rate: float = knob(1e-3, "Adam learning rate of phase 1 and of the from-scratch baseline.")
     fine_tune_learning_rate: float = knob(1e-4, "Adam learning rate of phase 2 (10-100x lower than phase 1's).")
@@ -265,7 +270,9 @@ def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int
 
     def stage(epochs: int, index: int) -> dict:
         backup_dir = backup.phase(f"fine_tune-{index}") if backup else None
-        return distributed.train(model, train, epochs, strategy, validation_data=val, backup_dir=backup_dir, verbose=0)
+        patience = config.fine_tune_patience or None
+        return distributed.train(model, train, epochs, strategy, validation_data=val, backup_dir=backup_dir, verbose=0,
+                                 patience=patience)  # fmt: skip
 
     if kind in ("top", "blocks"):
         num_layers = n if kind == "top" else layers_in_top_blocks(models.inner_base(model), n)
