@@ -29,12 +29,13 @@ What the default run does (``python -m recipes.choose_source``):
    correlation with the accuracies, its pick and how far below the best that pick is; the
    time to score every candidate against the time to train their heads.
 
-Measured over seeds 0-2 (``--seed S``, two CPU cores shared with other jobs): scratch
-88.5-90.9%; the real source cut at block 2 is the best candidate on every seed (+1.7 points
-on average) and LogME picks it every time, weighted tau 0.59-0.69 (mean 0.62; H-score 0.46,
-LEEP and NCE 0.10: they prefer the digits source). The shuffled-label source ends 10-14
-points below scratch, ranked last by all four scores. Scoring all six takes 0.5-0.8 s, 2-3%
-of training their heads. 86-96 s with the bases cached, 6-7 minutes from an empty cache
+Measured over seeds 0-2 (``--seed S``, ``make results``, two CPU cores shared with other
+jobs): scratch 88.5-90.9%; the best candidate is the real source cut at block 2 on seeds 0 and
+1, EfficientNet-Lite0 (ImageNet) on seed 2, and LogME picks the best every time, weighted tau
+0.49-0.76 (mean 0.65; H-score 0.32, LEEP and NCE 0.11: they pick Lite0, whose 1,000 confident
+ImageNet classes give it the highest LEEP, every time). The shuffled-label source ends 10-14
+points below scratch, ranked last by all four scores. Scoring all seven takes 0.9-1.6 s,
+8-10% of training their heads; 60-89 s with the bases cached
 (``docs/choose_source_experiments.md`` has every number and command).
 """
 
