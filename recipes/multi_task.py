@@ -29,8 +29,11 @@ weight_transfer does), ``multi_task``, ``uncertainty`` and ``pcgrad`` (all three
 Reported per task and variant: test accuracy, the task weights and the cosine between the
 tasks' trunk gradients over training (plots), time.
 
-Expect (seeds 0-2, ``make results``, 2 shared CPU cores): see the README row and
-docs/multi_task_experiments.md for the measured numbers and run time.
+Measured over seeds 0-2 (``make results``, 2 shared CPU cores, 2-3.5 min a run): target
+accuracy single_task 83.9%, sequential 86.1%, multi_task 86.5%, uncertainty 86.7%, pcgrad
+87.0% (+3.1, +1.2 to +6.3); the source task 89.0-89.5% jointly against 90.6% alone. Under
+``--conflict`` equal weights kept 86.3%, uncertainty fell to 85.0% (its learned weight on the
+memorised random labels rises), pcgrad kept 87.0% (docs/multi_task_experiments.md).
 """
 
 from __future__ import annotations
