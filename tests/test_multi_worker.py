@@ -25,6 +25,7 @@ from recipes import (
     feature_extraction,
     fine_tune,
     maml,
+    multi_task,
     self_training,
     weight_transfer,
 )
@@ -47,6 +48,7 @@ PATHS = {
     self_training: "distributed step",  # scratch and students; the scikit-learn steps run on every worker alike
     choose_source: "refused",
     domain_adaptation: "refused",
+    multi_task: "refused",  # its per-task-gradient step runs on one device
 }
 
 

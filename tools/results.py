@@ -229,6 +229,31 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         ACCURACY,
     ),
 )
+EXPERIMENTS += (
+    Experiment(
+        "multi_task",
+        "| 8 | [`multi_task`](recipes/multi_task.py) |",
+        "one CNN trunk, a head per task: Fashion-MNIST 0-4 (30,000 labels), 5-9 (10 labels per class, the "
+        "headline), 4-way rotation of every image; 1,000 steps of 32 images per task",
+        "multi_task",
+        (),
+        (0, 1, 2),
+        "single_task",
+        ("sequential", "multi_task", "uncertainty", "pcgrad"),
+        (Figure("test_accuracy", "5-9"), Figure("source_accuracy", "0-4")),
+    ),
+    Experiment(
+        "multi_task_conflict",
+        "| 8 | `multi_task`, `--conflict` |",
+        "the same plus a harmful task: the 50 labelled 5-9 images with random labels (`--conflict`)",
+        "multi_task",
+        ("--conflict",),
+        (0, 1, 2),
+        "single_task",
+        ("multi_task", "uncertainty", "pcgrad"),
+        (Figure("test_accuracy", "5-9"), Figure("source_accuracy", "0-4")),
+    ),
+)
 BY_KEY = {e.key: e for e in EXPERIMENTS}
 
 
