@@ -393,9 +393,9 @@ def eszsl_fit(features: np.ndarray, labels: np.ndarray, signatures: np.ndarray, 
 def eszsl_signatures(values: np.ndarray) -> np.ndarray:
     """Class descriptions (Z, A) scaled to unit length per class, the form ESZSL uses here.
 
-    Unscaled 0/1 rows favour the classes with more attributes (a larger x^T V s); measured on the
-    default split, unit rows gave 79.8% against 77.4% (docs/zero_shot_experiments.md). A row of
-    zeros stays zero.
+    Unscaled 0/1 rows favour the classes with more attributes (a larger x^T V s); on the default
+    split (1,568 source-cnn features, 1,000 images per seen class, gamma 0.1, lambda 0.01) unit rows
+    gave 79.8% unseen accuracy against 77.4% (docs/zero_shot_experiments.md). A row of zeros stays zero.
     """
     values = np.asarray(values, dtype=np.float64)
     norms = np.linalg.norm(values, axis=1, keepdims=True)

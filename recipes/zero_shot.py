@@ -30,10 +30,11 @@ What the default run does (``python -m recipes.zero_shot``):
    a candidate) seen and unseen accuracy and their harmonic mean H, raw and calibrated;
    DAP's per-attribute accuracy; a drop-one attribute ablation; the unseen confusion matrices.
 
-Measured over seeds 0-2 (``make results``): see README and docs/zero_shot_experiments.md.
-Expect ZSL accuracy far above chance (33%) but below the oracle, and a GZSL H much lower:
-without calibration nearly every unseen image is given a seen class. About 100 s with the
-base pretrained in the run, 20 s with it cached. ``model.keras``: the base and ESZSL's
+Measured over seeds 0-2 (``make results``, 2 CPU cores): ZSL accuracy on the unseen classes
+ESZSL 80.7-94.4% (mean 88.8%), DAP 73.2-79.6% (76.2%), against chance 33.3% and the oracle
+97.6-98.2%. GZSL is much lower: uncalibrated, every unseen image is given a seen class (H 0);
+calibrated, H is 44-64% (ESZSL) and 25-58% (DAP). A run took 54 s with the base pretrained
+in it, 6 s with it cached (docs/zero_shot_experiments.md). ``model.keras``: the base and ESZSL's
 calibrated scores over every class (the attribute table is in ``attributes.csv``).
 """
 
