@@ -266,4 +266,4 @@ def test_help_documents_every_field(capsys):
 
 
 def test_notebook_executes_in_quick_mode():
-    execute_notebook(ROOT / "notebooks" / "08_zero_shot.ipynb")
+    execute_notebook(ROOT / "notebooks" / "09_zero_shot.ipynb")
