@@ -408,3 +408,29 @@ def plot_feature_projection(panels: dict[str, tuple[np.ndarray, np.ndarray]], me
     fig.suptitle(f"features of the two domains ({method.upper()})")
     fig.tight_layout()
     return fig
+
+
+# --- Zero-shot learning: which attributes carry the result ----------------------------
+
+
+def plot_attribute_ablation(attributes: list[str], changes: dict[str, list[float]],
+                            title: str = "drop-one attribute ablation"):  # fmt: skip
+    """Horizontal grouped bars: the change of a metric (points) when each attribute is left out, per method.
+
+    ``changes`` maps a method name to one value per attribute (accuracy without it minus accuracy with
+    all, in [-1, 1]); a long bar to the left marks an attribute the method leans on.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.35 * len(attributes)))
+    height = 0.8 / max(1, len(changes))
+    positions = np.arange(len(attributes))
+    for i, (name, values) in enumerate(changes.items()):
+        ax.barh(positions + (i - (len(changes) - 1) / 2) * height, 100 * np.asarray(values), height, label=name)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(positions, attributes)
+    ax.invert_yaxis()
+    ax.set(xlabel="change of unseen-class accuracy without the attribute (points)", title=title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig

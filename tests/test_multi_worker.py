@@ -28,6 +28,7 @@ from recipes import (
     multi_task,
     self_training,
     weight_transfer,
+    zero_shot,
 )
 from tests.conftest import assert_cli_error
 
@@ -49,6 +50,7 @@ PATHS = {
     choose_source: "refused",
     domain_adaptation: "refused",
     multi_task: "refused",  # its per-task-gradient step runs on one device
+    zero_shot: "refused",  # the seen-class base does not train through common.distributed.train
 }
 
 
