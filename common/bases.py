@@ -618,6 +618,26 @@ def weight_blocks(model: keras.Model) -> list[list[str]]:
 # --- Candidates of the transferability scores (recipes.choose_source) -----------------------
 
 
+def parse_schedule(schedule: str) -> tuple[str, int]:
+    """A fine-tuning ``--schedule``: 'blocks:N' -> ("blocks", N), 'top:N' -> ("top", N), 'gradual' -> ("gradual", 0).
+
+    Raises ``InputError`` naming the three forms for anything else.
+    """
+    if schedule == "gradual":
+        return "gradual", 0
+    kind, _, number = schedule.partition(":")
+    if kind in ("blocks", "top") and number.isdigit() and int(number) >= 1:
+        return kind, int(number)
+    raise InputError(
+        f"unknown --schedule {schedule!r}; write 'blocks:N' (N >= 1 blocks), 'top:N' (N >= 1 layers) or 'gradual'"
+    )
+
+
+def layers_in_top_blocks(base_model: keras.Model, num_blocks: int) -> int:
+    """How many layers with weights the top ``num_blocks`` blocks (:func:`weight_blocks`) of ``base_model`` hold."""
+    return sum(len(block) for block in weight_blocks(base_model)[-num_blocks:])
+
+
 def untrained_source_cnn(input_shape: tuple[int, int, int], num_classes: int, width: int = 16, cut: str = "block2",
                          seed: int = 0) -> Base:  # fmt: skip
     """``build_bn_cnn``'s base cut at ``cut``, with its random initial weights (seeded; no training).

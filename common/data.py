@@ -704,6 +704,35 @@ def label_budget(target: Dataset, labels_per_class: int, seed: int,
     return (target.x_train[picked], target.y_train[picked], *subsample_test(target, test_images, seed))
 
 
+def pick_budget_with_validation(target: Dataset, labels_per_class: int, val_per_class: int, seed: int,
+                                test_images: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """``{"train", "val", "test"}``: (images, labels) of a label budget, a disjoint validation split, the test set.
+
+    ``labels_per_class`` + ``val_per_class`` images of every class drawn from
+    ``target``'s training set with ``seed``, split per class (``train``: the budget;
+    ``val``: the rest, for early stopping and tuning); ``test``: :func:`subsample_test`.
+    Raises ``InputError`` naming both flags when either is below 1 or a class has too few images.
+    """
+    if labels_per_class < 1 or val_per_class < 1:
+        raise InputError(
+            f"--labels-per-class {labels_per_class} and --val-per-class {val_per_class} must both be at least 1"
+        )
+    both = sample_per_class(target.y_train, labels_per_class + val_per_class, seed, target.class_names,
+                            what=f"--labels-per-class {labels_per_class} + --val-per-class {val_per_class}")  # fmt: skip
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in range(target.num_classes):
+        members = rng.permutation(both[target.y_train[both] == c])
+        train.append(members[:labels_per_class])
+        val.append(members[labels_per_class:])
+    train, val = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    return {
+        "train": (target.x_train[train], target.y_train[train]),
+        "val": (target.x_train[val], target.y_train[val]),
+        "test": subsample_test(target, test_images, seed),
+    }
+
+
 def subsample_test(dataset: Dataset, test_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``dataset``'s test set, or a stratified subset of about ``test_images`` of it drawn with ``seed``.
 

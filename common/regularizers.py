@@ -171,3 +171,38 @@ def layer_decay_multipliers(base: keras.Model, blocks: list[list[str]], decay: f
             for variable in base.get_layer(name).weights:
                 multipliers[variable.path] = decay ** (depth + 1)
     return multipliers
+
+
+REGULARIZERS = ("none", "l2sp", "bss")
+
+
+def check(regularizer: str, layer_lr_decay: float = 1.0) -> None:
+    """Raise ``InputError`` for a ``--regularizer`` not in :data:`REGULARIZERS` or a decay outside (0, 1]."""
+    from common.errors import InputError
+
+    if regularizer not in REGULARIZERS:
+        raise InputError(f"unknown --regularizer {regularizer!r}; choose one of {', '.join(REGULARIZERS)}")
+    if not 0 < layer_lr_decay <= 1:
+        raise InputError(f"--layer-lr-decay {layer_lr_decay:g} must be in (0, 1]")
+
+
+def phase2_optimizer(model: keras.Model, base: keras.Model, unfrozen: list[str], blocks: list[list[str]],
+                     learning_rate: float, regularizer: str = "none", l2sp_alpha: float = 0.01,
+                     bss_eta: float = 1e-3, bss_k: int = 1, layer_lr_decay: float = 1.0):  # fmt: skip
+    """Set ``regularizer`` on what fine-tuning opened; the optimizer to recompile ``model`` with.
+
+    ``model``: a ``common.models.add_head`` model around ``base``; ``unfrozen``: the names of
+    ``base``'s layers just unfrozen (L2-SP goes on their trainable variables, towards their
+    current values); ``bss``: :func:`attach_bss` on the head's input features; ``blocks``: the
+    base's layer names per block, bottom first, for ``layer_lr_decay`` < 1. Returns a
+    :class:`LayerwiseAdam` at ``learning_rate`` when the decay is < 1, else None (the caller's
+    default Adam). Raises ``InputError`` through :func:`check`.
+    """
+    check(regularizer, layer_lr_decay)
+    if regularizer == "l2sp":
+        attach_l2sp([base.get_layer(name) for name in unfrozen], l2sp_alpha)
+    elif regularizer == "bss":
+        attach_bss(model, bss_k, bss_eta)
+    if layer_lr_decay < 1:
+        return LayerwiseAdam(layer_decay_multipliers(base, blocks, layer_lr_decay), learning_rate=learning_rate)
+    return None

@@ -1,12 +1,13 @@
 """keras-tuner plumbing: the tuner's name checked, the tuner built, its best trial summarised.
 
-The search itself (the ``keras_tuner.HyperModel`` with its hyperparameters, ``tuner.search``)
-stays in the recipe; this module only holds what any recipe searching with keras-tuner
-repeats. ``keras_tuner`` is imported only when a tuner is built.
+Also the two-phase fine-tuning search (:func:`fine_tune_hypermodel`, :func:`search`), which
+takes the recipe's own steps (build, train the head, unfreeze) as functions; ``keras_tuner``
+is imported only when a tuner is built.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from common.errors import InputError
@@ -93,3 +94,57 @@ def best_trial(tuner, kind: str) -> dict:
     best = {k: v for k, v in values.items() if not k.startswith("tuner/")}
     score = tuner.oracle.get_best_trials(1)[0].score
     return {"best": best, tuner.oracle.objective.name: score, "trials": len(tuner.oracle.trials), "tuner": kind}
+
+
+def fine_tune_hypermodel(build, train_head, unfreeze, max_layers: int, regularizer: str = "none"):
+    """A ``keras_tuner.HyperModel`` over a two-phase fine-tune: each trial trains the head, then unfreezes.
+
+    Searched: ``dropout`` (0-0.5), ``unfreeze_layers`` (1..``max_layers``),
+    ``fine_tune_learning_rate`` (1e-5-1e-4, log) and the strength of ``regularizer``
+    (``l2sp_alpha`` 1e-4-1, ``bss_eta`` 1e-4-0.1, log; nothing for ``"none"``). The recipe's
+    steps are passed in: ``build(dropout) -> compiled model`` (a fresh copy of the base with
+    a new head), ``train_head(model)`` (phase 1; skipped when Hyperband resumes a trial from its
+    checkpoint) and ``unfreeze(model, num_layers, learning_rate, strengths: dict)`` (recompiles).
+    The tuner's ``fit`` arguments then train phase 2.
+    """
+    import keras_tuner as kt
+
+    def strength(hp) -> dict:
+        if regularizer == "l2sp":
+            return {"l2sp_alpha": hp.Float("l2sp_alpha", 1e-4, 1.0, sampling="log")}
+        if regularizer == "bss":
+            return {"bss_eta": hp.Float("bss_eta", 1e-4, 1e-1, sampling="log")}
+        return {}
+
+    class FineTuneModel(kt.HyperModel):
+        def build(self, hp):
+            dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
+            hp.Int("unfreeze_layers", 1, max_layers)
+            hp.Float("fine_tune_learning_rate", 1e-5, 1e-4, sampling="log")
+            strength(hp)
+            return build(dropout)
+
+        def fit(self, hp, model, *args, **kwargs):
+            if "tuner/trial_id" not in hp.values:  # a new trial, not a resumed one
+                train_head(model)
+            unfreeze(model, hp.get("unfreeze_layers"), hp.get("fine_tune_learning_rate"), strength(hp))
+            return model.fit(*args, **kwargs)
+
+    return FineTuneModel()
+
+
+def search(hypermodel, kind: str, run_dir: Path, train, val, max_trials: int, epochs: int, seed: int) -> dict:
+    """Run the search (``val_accuracy`` maximised, the tuner's files in ``run_dir/tuner``); :func:`best_trial`.
+
+    ``train``/``val``: ``tf.data`` pipelines of (image, label) batches; ``epochs``: the most a
+    trial trains. Writes the result to ``run_dir/best_hyperparameters.json`` and prints it in one line.
+    """
+    from common.evaluation import write_json_atomic
+
+    tuner = make_tuner(hypermodel, kind, run_dir, max_trials=max_trials, max_epochs=epochs, seed=seed)
+    tuner.search(train, validation_data=val, epochs=epochs, verbose=0)
+    result = best_trial(tuner, kind)
+    write_json_atomic(Path(run_dir) / "best_hyperparameters.json", result)
+    print(f"  tuner ({kind}, {result['trials']} trials): best {json.dumps(result['best'])}, "
+          f"val accuracy {result['val_accuracy']:.3f}")  # fmt: skip
+    return result

@@ -28,6 +28,9 @@ phase-2 learning rate, the number of layers unfrozen and the head's dropout (``-
 trials of at most ``--tune-epochs`` phase-2 epochs), writes the best values to
 ``best_hyperparameters.json`` (the tuner's files to ``tuner/``) and trains with them.
 
+``--budgets 10,50,200`` repeats phase 1, phase 2 and the baseline at each label budget, each from
+the pretrained base, and plots accuracy against labels per class (the smallest is the headline).
+
 ``--strategy multi_worker`` (hosts from ``TF_CONFIG``, README "More than one machine") trains
 phase 1, phase 2 and the baseline through ``common.distributed.train``, early stopping
 included; ``--backup-dir DIR`` makes every phase resumable. ``--tune`` is not distributed
@@ -40,12 +43,12 @@ these easy classes); phase 2 added only +0.1 over phase 1 on average: with 10 la
 the head on the frozen base does most of the work (regularisers did not change that:
 docs/fine_tune_experiments.md). 20-36 s a run with the base cached. On the ImageNet base
 (``--base efficientnet_lite0``, 96x96, seeds 0-2) phase 2 pays: fine-tuned 89.1% against
-87.5% for the head alone and 75.1% from scratch, 147-298 s a run (docs/efficientnet_lite0.md).
+87.5% for the head alone and 75.1% from scratch, 147-298 s a run (docs/efficientnet_lite0.md);
+every block unfrozen or layer decay 0.5 add +1.8-1.9 over the head, L2-SP and BSS +1.2.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 
@@ -54,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 
 from common import bases, data, distributed, evaluation, models, regularizers, tuning
-from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, set_seed
+from common.cli import InputError, RecipeConfig, knob, make_strategy, parse_budgets, run_cli, set_seed
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Config(RecipeConfig):
     source_classes: str = knob("0-4", "Classes the source-cnn base is pretrained on, e.g. '0-4'.")
     target_classes: str = knob("5-9", "Classes of the target task; must not overlap the source classes.")
     labels_per_class: int = knob(10, "Target training images per class (the label budget).", minimum=1)
+    budgets: str = knob("", "Sweep several label budgets, e.g. '10,50,200' (overrides --labels-per-class).")
     val_per_class: int = knob(
         10, "Extra labelled images per class for early stopping and tuning (the validation split).", minimum=1
     )
@@ -132,49 +136,13 @@ def load_tasks(config: Config) -> tuple[data.Dataset, data.Dataset]:
 
 def split_target(target: data.Dataset, config: Config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``train`` (the label budget), ``val`` (disjoint, for early stopping) and ``test`` (maybe subsampled)."""
-    if config.labels_per_class < 1 or config.val_per_class < 1:
-        raise InputError(
-            f"--labels-per-class {config.labels_per_class} and --val-per-class {config.val_per_class} "
-            "must both be at least 1"
-        )
-    both = data.sample_per_class(
-        target.y_train, config.labels_per_class + config.val_per_class, config.seed, target.class_names,
-        what=f"--labels-per-class {config.labels_per_class} + --val-per-class {config.val_per_class}",
-    )  # fmt: skip
-    rng = np.random.default_rng(config.seed)
-    train, val = [], []
-    for c in range(target.num_classes):
-        members = rng.permutation(both[target.y_train[both] == c])
-        train.append(members[: config.labels_per_class])
-        val.append(members[config.labels_per_class :])
-    train, val = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
-    return {
-        "train": (target.x_train[train], target.y_train[train]),
-        "val": (target.x_train[val], target.y_train[val]),
-        "test": data.subsample_test(target, config.test_images, config.seed),
-    }
-
-
-def parse_schedule(schedule: str) -> tuple[str, int]:
-    """``'blocks:N'`` -> ("blocks", N); ``'top:N'`` -> ("top", N); ``'gradual'`` -> ("gradual", 0); else an error."""
-    if schedule == "gradual":
-        return "gradual", 0
-    kind, _, number = schedule.partition(":")
-    if kind in ("blocks", "top") and number.isdigit() and int(number) >= 1:
-        return kind, int(number)
-    raise InputError(
-        f"unknown --schedule {schedule!r}; write 'blocks:N' (N >= 1 blocks), 'top:N' (N >= 1 layers) or 'gradual'"
-    )
-
-
-def layers_in_top_blocks(base_model: keras.Model, num_blocks: int) -> int:
-    """How many layers with weights the top ``num_blocks`` blocks (``bases.weight_blocks``) of ``base_model`` hold."""
-    return sum(len(block) for block in bases.weight_blocks(base_model)[-num_blocks:])
+    return data.pick_budget_with_validation(target, config.labels_per_class, config.val_per_class, config.seed,
+                                            config.test_images)  # fmt: skip
 
 
 def check_schedule(config: Config, source: data.Dataset, base: bases.Base | None = None) -> None:
     """Fail before any training if ``top:N`` or ``blocks:N`` asks for more layers or blocks than the base has."""
-    kind, n = parse_schedule(config.schedule)
+    kind, n = bases.parse_schedule(config.schedule)
     if kind == "gradual":
         return
     if base is None:  # the source-cnn's architecture, without pretraining it
@@ -227,58 +195,46 @@ def train_head(model: keras.Model, train, val, config: Config, strategy=None, ba
                              verbose=0, patience=config.patience)  # fmt: skip
 
 
-REGULARIZERS = ("none", "l2sp", "bss")
-
-
-def check_regularizer(config: Config) -> None:
-    if config.regularizer not in REGULARIZERS:
-        raise InputError(f"unknown --regularizer {config.regularizer!r}; choose one of {', '.join(REGULARIZERS)}")
-    if config.layer_lr_decay <= 0:
-        raise InputError(f"--layer-lr-decay {config.layer_lr_decay:g} must be in (0, 1]")
-
-
 def unfreeze(model: keras.Model, num_layers: int, learning_rate: float, config: Config | None = None) -> list[str]:
     """Unfreeze the top ``num_layers`` layers with weights of the base (BatchNorm stays frozen); recompile.
 
-    With ``config``: its ``--regularizer`` on what is unfrozen (``common.regularizers``: L2-SP
-    towards the pretrained values, or BSS on the head's input features) and its
-    ``--layer-lr-decay`` (the top block at lr x D, the next at lr x D^2, ...; the head at lr).
+    With ``config``: its ``--regularizer`` on what is unfrozen (L2-SP towards the pretrained
+    values, or BSS on the head's input features) and its ``--layer-lr-decay`` (the top block at
+    lr x D, the next at lr x D^2, ...; the head at lr), through ``regularizers.phase2_optimizer``.
     """
     base = models.inner_base(model)
     unfrozen = models.unfreeze_top(base, num_layers)
-    multipliers = {}
+    optimizer = None
     if config is not None:
-        if config.regularizer == "l2sp":
-            regularizers.attach_l2sp([base.get_layer(name) for name in unfrozen], config.l2sp_alpha)
-        elif config.regularizer == "bss":
-            regularizers.attach_bss(model, config.bss_k, config.bss_eta)
-        if config.layer_lr_decay < 1:
-            multipliers = regularizers.layer_decay_multipliers(base, bases.weight_blocks(base), config.layer_lr_decay)
-    optimizer = regularizers.LayerwiseAdam(multipliers, learning_rate=learning_rate) if multipliers else None
+        optimizer = regularizers.phase2_optimizer(
+            model, base, unfrozen, bases.weight_blocks(base), learning_rate, config.regularizer,
+            l2sp_alpha=config.l2sp_alpha, bss_eta=config.bss_eta, bss_k=config.bss_k,
+            layer_lr_decay=config.layer_lr_decay,
+        )  # fmt: skip
     models.compile_classifier(model, learning_rate, optimizer=optimizer)  # recompile, or the change is ignored
     return unfrozen
 
 
 def fine_tune(model: keras.Model, train, val, config: Config, initial_epoch: int = 0, strategy=None,
-              backup=None) -> tuple[dict, dict]:  # fmt: skip
+              backup=None, tag: str = "") -> tuple[dict, dict]:  # fmt: skip
     """Phase 2 by ``config.schedule``; returns its history and {label: epoch} of each unfreezing.
 
     ``initial_epoch`` (phase 1's length) only numbers the epochs of the boundaries. Each
     stage trains through ``distributed.train`` (``backup``: a ``distributed.Backup``, one
     phase folder per stage). Call it in ``strategy.scope()``: unfreezing recompiles.
     """
-    kind, n = parse_schedule(config.schedule)
+    kind, n = bases.parse_schedule(config.schedule)
     lr = config.fine_tune_learning_rate
     strategy = strategy or tf.distribute.get_strategy()
 
     def stage(epochs: int, index: int) -> dict:
-        backup_dir = backup.phase(f"fine_tune-{index}") if backup else None
+        backup_dir = backup.phase(f"{tag}fine_tune-{index}") if backup else None
         patience = config.fine_tune_patience or None
         return distributed.train(model, train, epochs, strategy, validation_data=val, backup_dir=backup_dir, verbose=0,
                                  patience=patience)  # fmt: skip
 
     if kind in ("top", "blocks"):
-        num_layers = n if kind == "top" else layers_in_top_blocks(models.inner_base(model), n)
+        num_layers = n if kind == "top" else bases.layers_in_top_blocks(models.inner_base(model), n)
         unfrozen = unfreeze(model, num_layers, lr, config)
         print(f"  phase 2: unfroze {len(unfrozen)} layers ({', '.join(unfrozen)}) at learning rate {lr:g}")
         return stage(config.epochs, 0), {f"unfreeze top {n} {'layers' if kind == 'top' else 'blocks'}": initial_epoch}
@@ -323,48 +279,21 @@ def train_scratch(base: bases.Base, train, val, num_classes: int, config: Config
 
 
 def tune(base: bases.Base, train, val, num_classes: int, config: Config, run_dir) -> dict:
-    """Search phase-2 learning rate, layers unfrozen and head dropout; returns the best values.
+    """Search phase-2 learning rate, layers unfrozen, head dropout (and the regulariser's strength).
 
-    Every trial starts from a fresh copy of the pretrained base, runs phase 1 (skipped when
-    Hyperband resumes a trial from its checkpoint), then phase 2 for the epochs the tuner
-    gives it; the objective is the best validation accuracy.
+    Every trial starts from a fresh copy of the pretrained base, runs phase 1, then phase 2 for
+    the epochs the tuner gives it (``common.tuning.fine_tune_hypermodel``); the objective is the
+    best validation accuracy. Returns ``tuning.best_trial``'s summary.
     """
-    import keras_tuner as kt
-
-    available = models.count_weighted_layers(base.model)
-
-    def strength(hp) -> dict:  # the chosen --regularizer's strength is searched too
-        if config.regularizer == "l2sp":
-            return {"l2sp_alpha": hp.Float("l2sp_alpha", 1e-4, 1.0, sampling="log")}
-        if config.regularizer == "bss":
-            return {"bss_eta": hp.Float("bss_eta", 1e-4, 1e-1, sampling="log")}
-        return {}
-
-    class FineTuneModel(kt.HyperModel):
-        def build(self, hp):
-            dropout = hp.Float("dropout", 0.0, 0.5, step=0.1)
-            hp.Int("unfreeze_layers", 1, available)
-            hp.Float("fine_tune_learning_rate", 1e-5, 1e-4, sampling="log")
-            strength(hp)
-            return build_model(bases.fresh_copy(base).model, num_classes, dropout, config.learning_rate)
-
-        def fit(self, hp, model, *args, **kwargs):
-            if "tuner/trial_id" not in hp.values:  # a new trial, not a resumed one
-                train_head(model, train, val, config)
-            unfreeze(
-                model, hp.get("unfreeze_layers"), hp.get("fine_tune_learning_rate"), replace(config, **strength(hp))
-            )
-            return model.fit(*args, **kwargs)
-
-    # Maximises val_accuracy; the tuner's own files go to run_dir/tuner.
-    tuner = tuning.make_tuner(FineTuneModel(), config.tuner, run_dir, max_trials=config.max_trials,
-                              max_epochs=config.tune_epochs, seed=config.seed)  # fmt: skip
-    tuner.search(train, validation_data=val, epochs=config.tune_epochs, verbose=0)
-    result = tuning.best_trial(tuner, config.tuner)
-    evaluation.write_json_atomic(run_dir / "best_hyperparameters.json", result)
-    print(f"  tuner ({config.tuner}, {result['trials']} trials): best {json.dumps(result['best'])}, "
-          f"val accuracy {result['val_accuracy']:.3f}")  # fmt: skip
-    return result
+    hypermodel = tuning.fine_tune_hypermodel(
+        build=lambda dropout: build_model(bases.fresh_copy(base).model, num_classes, dropout, config.learning_rate),
+        train_head=lambda model: train_head(model, train, val, config),
+        unfreeze=lambda model, n, lr, strengths: unfreeze(model, n, lr, replace(config, **strengths)),
+        max_layers=models.count_weighted_layers(base.model),
+        regularizer=config.regularizer,
+    )
+    return tuning.search(hypermodel, config.tuner, run_dir, train, val, config.max_trials, config.tune_epochs,
+                         config.seed)  # fmt: skip
 
 
 def apply_tuned(config: Config, best: dict) -> Config:
@@ -382,39 +311,25 @@ def apply_tuned(config: Config, best: dict) -> Config:
 # --- The whole recipe -------------------------------------------------------------
 
 
-def run(config: Config) -> dict:
-    """Phase 1, phase 2 (optionally tuned), the scratch baseline; returns metrics.json's content."""
-    config = config.resolved()
-    start = time.perf_counter()
-    bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut, config.base_layer)
-    parse_schedule(config.schedule)
-    check_regularizer(config)
-    tuning.check_tuner(config.tuner)
-    if config.tune:
-        tuning.check_strategy(config.strategy, "phase 1, phase 2 and the scratch baseline",
-                              "--dropout, --fine-tune-learning-rate, --schedule top:N")  # fmt: skip
+def run_budget(budget: int, base: bases.Base, target: data.Dataset, config: Config, strategy,
+               backup: distributed.Backup, run_dir) -> dict:  # fmt: skip
+    """Tuning (optional), phase 1, phase 2 and the scratch baseline on ``budget`` labels per class.
+
+    Returns ``{"variants": {name: report}, "model", "histories", "boundaries", "config", "tuned",
+    "test_images"}``; with several budgets every phase backs up under a ``<budget>-`` prefix.
+    """
+    config = replace(config, labels_per_class=budget)
+    tag = f"{budget}-" if config.budgets else ""
     set_seed(config.seed)
-    strategy = make_strategy(config.strategy)
-
-    source, target = load_tasks(config)
     splits = split_target(target, config)
-    if config.base == bases.SOURCE_CNN:
-        check_schedule(config, source)
-    print(f"source task: {source}\ntarget task: {target}")
-
-    # Under multi_worker: pretrained (or loaded) outside the strategy, then copied into its scope for phase 2.
-    base = bases.load_for_strategy(lambda: load_pretrained_base(config, source), strategy, trainable=True)
-    set_seed(config.seed)  # pretraining draws random numbers that loading does not: the head starts alike either way
-    check_schedule(config, source, base)
-    backup = distributed.Backup(config.backup_dir)
-    run_dir = evaluation.make_run_dir("fine_tune", config.out)  # after every input error
-    print(f"base: {base}\nrun folder: {run_dir}")
     n = target.num_classes
     ds = pipelines(splits, base, config)
     x_test, y_test = base.prepare(splits["test"][0]), splits["test"][1]
 
+    budget_info = {"labels_per_class": budget, "val_per_class": config.val_per_class}
+
     def report(model: keras.Model, **extra) -> dict:  # test accuracy, per class, confusion matrix
-        return evaluation.classification_report(model, x_test, y_test, n) | extra
+        return evaluation.classification_report(model, x_test, y_test, n) | extra | budget_info
 
     tuned = None
     if config.tune:
@@ -424,48 +339,107 @@ def run(config: Config) -> dict:
 
     with strategy.scope():
         model = build_model(base.model, n, config.dropout, config.learning_rate)
-    phase1 = train_head(model, ds["train"], ds["val"], config, strategy, backup.phase("head"))
+    phase1 = train_head(model, ds["train"], ds["val"], config, strategy, backup.phase(f"{tag}head"))
     head_report = report(model, epochs=len(phase1["loss"]))
-    print(f"  phase 1 (head only, {len(phase1['loss'])} epochs): test accuracy {head_report['test_accuracy']:.3f}")
+    print(f"  {budget:>3} labels/class  phase 1 (head only, {len(phase1['loss'])} epochs): "
+          f"test accuracy {head_report['test_accuracy']:.3f}")  # fmt: skip
 
     with strategy.scope():
-        phase2, boundaries = fine_tune(model, ds["train"], ds["val"], config, len(phase1["loss"]), strategy, backup)
+        phase2, boundaries = fine_tune(model, ds["train"], ds["val"], config, len(phase1["loss"]), strategy,
+                                       backup, tag)  # fmt: skip
     regularizers.detach_bss(model)  # the saved model needs nothing from common.regularizers
     tuned_report = report(model, epochs=len(phase2["loss"]), schedule=config.schedule,
                           regularizer=config.regularizer, layer_lr_decay=config.layer_lr_decay)  # fmt: skip
-    print(f"  phase 2 (fine-tuned): test accuracy {tuned_report['test_accuracy']:.3f}")
+    print(f"  {budget:>3} labels/class  phase 2 (fine-tuned): test accuracy {tuned_report['test_accuracy']:.3f}")
 
     set_seed(config.seed)  # the baseline's initialisation does not depend on what ran before it
     # Fresh pipelines: a reshuffling pipeline's batch order depends on how many epochs it has served.
     fresh = pipelines(splits, base, config)
     scratch, scratch_history = train_scratch(base, fresh["train"], fresh["val"], n, config, strategy,
-                                             backup.phase("scratch"))  # fmt: skip
+                                             backup.phase(f"{tag}scratch"))  # fmt: skip
     scratch_report = report(scratch, epochs=len(scratch_history["loss"]))
-    print(f"  scratch: test accuracy {scratch_report['test_accuracy']:.3f}")
+    print(f"  {budget:>3} labels/class  scratch: test accuracy {scratch_report['test_accuracy']:.3f}")
+    return {
+        "variants": dict(scratch=scratch_report, head_only=head_report, fine_tune=tuned_report),
+        "model": model,
+        "histories": {"phase1": phase1, "phase2": phase2, "scratch": scratch_history},
+        "boundaries": boundaries,
+        "config": config,
+        "tuned": tuned,
+        "test_images": len(y_test),
+    }
 
-    budget = {"labels_per_class": config.labels_per_class, "val_per_class": config.val_per_class}
-    variants = dict(scratch=scratch_report | budget, head_only=head_report | budget, fine_tune=tuned_report | budget)
+
+def run(config: Config) -> dict:
+    """Phase 1, phase 2 (optionally tuned), the scratch baseline, per budget; returns metrics.json's content."""
+    config = config.resolved()
+    start = time.perf_counter()
+    bases.check_base_args(config.base, config.weights, config.image_size, config.source_cut, config.base_layer)
+    bases.parse_schedule(config.schedule)
+    regularizers.check(config.regularizer, config.layer_lr_decay)
+    tuning.check_tuner(config.tuner)
+    budgets = parse_budgets(config.budgets, config.labels_per_class)
+    if config.tune:
+        tuning.check_strategy(config.strategy, "phase 1, phase 2 and the scratch baseline",
+                              "--dropout, --fine-tune-learning-rate, --schedule top:N")  # fmt: skip
+        if len(budgets) > 1:
+            raise InputError(f"--tune with --budgets {config.budgets}: search one budget at a time "
+                             "(--labels-per-class N --tune), then sweep with the best values")  # fmt: skip
+    set_seed(config.seed)
+    strategy = make_strategy(config.strategy)
+
+    source, target = load_tasks(config)
+    flag = f"--budgets {config.budgets}" if config.budgets else f"--labels-per-class {config.labels_per_class}"
+    data.check_per_class(target.y_train, budgets[-1] + config.val_per_class, target.class_names,
+                         what=f"{flag} + --val-per-class {config.val_per_class}")  # fmt: skip
+    if config.base == bases.SOURCE_CNN:
+        check_schedule(config, source)
+    print(f"source task: {source}\ntarget task: {target}")
+
+    # Under multi_worker: pretrained (or loaded) outside the strategy, then copied into its scope for phase 2.
+    base = bases.load_for_strategy(lambda: load_pretrained_base(config, source), strategy, trainable=True)
+    check_schedule(config, source, base)
+    backup = distributed.Backup(config.backup_dir)
+    run_dir = evaluation.make_run_dir("fine_tune", config.out)  # after every input error
+    print(f"base: {base}\nrun folder: {run_dir}")
+    # Each budget starts from the pretrained weights (phase 2 changes the base's layers in place).
+    by_budget = {}
+    for budget in budgets:
+        with strategy.scope():
+            budget_base = base if budget == budgets[-1] else bases.fresh_copy(base)
+        by_budget[budget] = run_budget(budget, budget_base, target, config, strategy, backup, run_dir)
+
+    # The headline is the smallest budget; every budget's accuracy is kept (and plotted when there are several).
+    headline = by_budget[budgets[0]]
+    variants, histories, config = headline["variants"], headline["histories"], headline["config"]
+    sweep = {name: [by_budget[b]["variants"][name]["test_accuracy"] for b in budgets] for name in variants}
     base_info = {k: v for k, v in base.info.items() if k != "settings"} | {"spec": config.base}
     record = evaluation.metrics_record("fine_tune", config.dataset, "test_accuracy", "scratch", variants,
-                                       time.perf_counter() - start, base=base_info, test_images=len(y_test),
-                                       tuned=tuned)  # fmt: skip
+                                       time.perf_counter() - start, base=base_info,
+                                       test_images=headline["test_images"], tuned=headline["tuned"],
+                                       budgets=budgets, test_accuracy_by_budget=sweep)  # fmt: skip
+    phase1, phase2 = histories["phase1"], histories["phase2"]
     both = {key: phase1[key] + phase2.get(key, []) for key in phase1}
-    histories = {"phase1": phase1, "phase2": phase2, "scratch": scratch_history}
     figures = {
         "learning_curves": evaluation.plot_learning_curves(
-            {"fine_tune": both, "scratch": scratch_history},
+            {"fine_tune": both, "scratch": histories["scratch"]},
             "accuracy",
-            boundaries={"start fine-tuning": len(phase1["loss"])} | dict(list(boundaries.items())[1:]),
-            title=f"accuracy across both phases ({config.labels_per_class} labels per class)",
+            boundaries={"start fine-tuning": len(phase1["loss"])} | dict(list(headline["boundaries"].items())[1:]),
+            title=f"accuracy across both phases ({budgets[0]} labels per class)",
         ),
         "confusion_matrix": evaluation.plot_confusion_matrix(
-            tuned_report["confusion_matrix"], target.class_names, "fine-tuned: confusion matrix"
+            variants["fine_tune"]["confusion_matrix"], target.class_names, "fine-tuned: confusion matrix"
         ),
     }
-    evaluation.write_run(run_dir, config, record, histories, figures, model=model)
+    if len(budgets) > 1:
+        figures["accuracy_vs_budget"] = evaluation.plot_budget_curve(budgets, sweep)
+    evaluation.write_run(run_dir, config, record, histories, figures, model=headline["model"])
     backup.finish()
 
-    print(f"\ntarget task, {config.labels_per_class} labels per class, {len(y_test)} test images:")
+    if len(budgets) > 1:
+        print("\ntest accuracy by label budget (labels per class):")
+        print(evaluation.budget_table(budgets, sweep, "scratch"))
+    print(f"\ntarget task, {budgets[0]} labels per class, {headline['test_images']} test images:")
     print(evaluation.comparison_table(record))
     print(f"\nwrote {run_dir} in {record['seconds']:.0f} s")
     return record

@@ -118,6 +118,18 @@ def test_quick_run_writes_the_run_folder(tmp_path):
     assert phases == {"phase1", "phase2", "scratch"}
 
 
+def test_budget_sweep_starts_each_budget_from_the_pretrained_base(tmp_path):
+    """``--budgets 5,10``: the 5-label headline is exactly a ``--labels-per-class 5`` run (fresh base each budget)."""
+    sweep = ft.main(["--quick", "--budgets", "10,5", "--out", str(tmp_path / "sweep")])
+    single = ft.main(["--quick", "--labels-per-class", "5", "--out", str(tmp_path / "single")])
+    assert sweep["budgets"] == [5, 10] and set(sweep["test_accuracy_by_budget"]) == set(sweep["variants"])
+    for name, variant in single["variants"].items():
+        assert sweep["test_accuracy_by_budget"][name][0] == pytest.approx(variant["test_accuracy"], abs=1e-9), name
+        assert sweep["variants"][name]["labels_per_class"] == 5
+    assert (tmp_path / "sweep" / "accuracy_vs_budget.png").is_file()
+    assert not (tmp_path / "single" / "accuracy_vs_budget.png").exists()
+
+
 @pytest.mark.parametrize("tuner", ["random", "hyperband"])
 def test_tuner_runs_end_to_end_and_its_best_values_are_used(tmp_path, tuner):
     record = ft.run(quick(tmp_path, tune=True, tuner=tuner, max_trials=2, tune_epochs=2))
@@ -160,6 +172,10 @@ def test_imagenet_lite0_unfreezes_whole_blocks_from_the_top(tmp_path, capsys):
         (dict(dropout=1.5), r"--dropout 1.5: must be at most 1.0"),
         (dict(regularizer="dropout"), "unknown --regularizer 'dropout'; choose one of none, l2sp, bss"),
         (dict(layer_lr_decay=0.0), r"--layer-lr-decay 0 must be in \(0, 1\]"),
+        (dict(budgets="10,x"), r"cannot read --budgets '10,x'"),
+        (dict(budgets="0,10"), "every budget must be at least 1"),
+        (dict(budgets="10,6000"), r"--budgets 10,6000 \+ --val-per-class 10 needs 6010 images per class"),
+        (dict(budgets="5,10", tune=True), "--tune with --budgets 5,10: search one budget at a time"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, overrides, message, monkeypatch):
