@@ -409,11 +409,18 @@ def train_on_view(model: keras.Model, base: bases.Base, x: np.ndarray, y: np.nda
     return distributed.train(model, pipeline, epochs, strategy, backup_dir=backup_dir, verbose=2)
 
 
-def predict_probabilities(model: keras.Model, x: np.ndarray, strategy=None, batch_size: int = 1024) -> np.ndarray:
+def predict_probabilities(model: keras.Model, x: np.ndarray, strategy=None, batch_size: int = 1024,
+                          base: bases.Base | None = None) -> np.ndarray:  # fmt: skip
     """Softmax of ``model``'s logits on ``x``: (N, K) float32. Under multi_worker each worker predicts
-    its shard of ``x`` and all get every row (``distributed.predict_in_shards``)."""
+    its shard of ``x`` and all get every row (``distributed.predict_in_shards``).
+
+    With ``base``, ``x`` are raw images in [0, 1] streamed through ``base``'s resizing and
+    preprocessing (``data.image_stream``, batches of 128), so no prepared copy of ``x`` is held;
+    without it, ``x`` is already the model's input."""
 
     def predict(images):
+        if base is not None:
+            images = data.image_stream(images, base.input_shape, base.preprocess, 128)
         return tf.nn.softmax(tf.cast(model.predict(images, batch_size=batch_size, verbose=0), tf.float32)).numpy()
 
     return distributed.predict_in_shards(predict, x, strategy)

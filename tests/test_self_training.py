@@ -204,6 +204,8 @@ def test_student_starts_from_the_base_weights_and_the_transfer_head():
     x = base.prepare(split.x_test[:64])
     expected = head.predict_proba(st.extract_features(base, split.x_test[:64]))
     np.testing.assert_allclose(semi.predict_probabilities(student, x), expected, atol=1e-4)
+    streamed = semi.predict_probabilities(student, split.x_test[:64], base=base)  # raw images, prepared on the fly
+    np.testing.assert_allclose(streamed, expected, atol=1e-4)
     np.testing.assert_allclose(semi.predict_probabilities(st.transfer_model(base, head, 5), x), expected, atol=1e-4)
     encoder.get_layer(encoder.layers[1].name).kernel.assign(np.zeros(encoder.layers[1].kernel.shape))
     assert np.abs(base.model.layers[1].kernel.numpy()).sum() > 0  # the student trains a copy, not the base
