@@ -217,8 +217,11 @@ class KilledAndResumed(Background):
         command = [*command, "--backup-dir", str(self.backup), "--out", str(self.run_dir)]
         run_env = env() | (extra_env or {})
 
+        # The killed run pauses after each epoch's backup (tests/paused_epochs.py), so the kill lands before epoch 3.
+        paused = [*PYTHON, "tests.paused_epochs", *command[len(PYTHON) :]]
+
         def work():
-            first = self.popen(command, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            first = self.popen(paused, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             kill_when(first, lambda: epochs_done(self.backup) >= 2)
             at_kill = epochs_done(self.backup), (self.run_dir / "metrics.json").exists()
             second = self.popen(command, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
