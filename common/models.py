@@ -41,6 +41,18 @@ def check_image_side(input_shape: tuple[int, ...], minimum: int, what: str) -> N
         )
 
 
+def cnn_convolutions() -> list[keras.layers.Layer]:
+    """New layers Conv32-Pool-Conv64-Pool-Conv64-Flatten (``conv1``..``conv3``), :func:`build_cnn`'s convolutions."""
+    return [
+        layers.Conv2D(32, 3, activation="relu", name="conv1"),
+        layers.MaxPooling2D(name="pool1"),
+        layers.Conv2D(64, 3, activation="relu", name="conv2"),
+        layers.MaxPooling2D(name="pool2"),
+        layers.Conv2D(64, 3, activation="relu", name="conv3"),
+        layers.Flatten(name="flatten"),
+    ]
+
+
 def build_cnn(input_shape: tuple[int, int, int], num_classes: int, name: str = "cnn") -> keras.Model:
     """The seed recipe's CNN: Conv32-Pool-Conv64-Pool-Conv64, Dense64, logits.
 
@@ -52,12 +64,7 @@ def build_cnn(input_shape: tuple[int, int, int], num_classes: int, name: str = "
     return keras.Sequential(
         [
             keras.Input(input_shape),
-            layers.Conv2D(32, 3, activation="relu", name="conv1"),
-            layers.MaxPooling2D(name="pool1"),
-            layers.Conv2D(64, 3, activation="relu", name="conv2"),
-            layers.MaxPooling2D(name="pool2"),
-            layers.Conv2D(64, 3, activation="relu", name="conv3"),
-            layers.Flatten(name="flatten"),
+            *cnn_convolutions(),
             layers.Dense(64, activation="relu", name="dense"),
             layers.Dense(num_classes, name="classifier"),
         ],

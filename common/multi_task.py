@@ -178,21 +178,10 @@ def build_trunk(input_shape: tuple[int, int, int], name: str = "trunk") -> keras
 
     Output (N, features): 576 for 28x28 images. Raises ``InputError`` below 18x18 pixels.
     """
-    from common.models import check_image_side
+    from common.models import check_image_side, cnn_convolutions
 
     check_image_side(input_shape, 18, "the CNN trunk (three 3x3 convolutions, two 2x2 poolings)")
-    return keras.Sequential(
-        [
-            keras.Input(input_shape),
-            layers.Conv2D(32, 3, activation="relu", name="conv1"),
-            layers.MaxPooling2D(name="pool1"),
-            layers.Conv2D(64, 3, activation="relu", name="conv2"),
-            layers.MaxPooling2D(name="pool2"),
-            layers.Conv2D(64, 3, activation="relu", name="conv3"),
-            layers.Flatten(name="flatten"),
-        ],
-        name=name,
-    )
+    return keras.Sequential([keras.Input(input_shape), *cnn_convolutions()], name=name)
 
 
 def build_head(features: int, num_classes: int, name: str, units: int = 64) -> keras.Model:
