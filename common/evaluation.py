@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -279,17 +280,39 @@ def make_run_dir(recipe: str, out: str = "") -> Path:
 
 
 def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
+    """Write strict JSON (RFC 8259: no NaN or Infinity) to a temporary file in the same folder,
+    then rename it over ``path``. A non-finite float becomes ``null``; when ``data`` is a dict,
+    its key ``null_values`` then lists where (``"a.b[2]"``) and why, for strict parsers
+    (``JSON.parse``, ``jq``, Go, Java) that reject Python's bare ``NaN``."""
     path = Path(path)
+    nulls = {}
+    data = _finite(data, "", nulls)
+    if nulls and isinstance(data, dict):
+        data = {**data, "null_values": {**data.get("null_values", {}), **nulls}}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=_to_json)
+            json.dump(data, f, indent=2, default=_to_json, allow_nan=False)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _finite(value, where: str, nulls: dict):
+    """``value`` with every NaN / Infinity float (Python or NumPy, at any depth) replaced by None,
+    each recorded in ``nulls`` as ``{where: reason}``."""
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), nulls) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", nulls) for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist(), where, nulls)
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        nulls[where] = "no value: nothing to compute it from (e.g. a class absent from the test images)" if math.isnan(value) else f"{float(value)} (not representable in JSON)"  # fmt: skip
+        return None
+    return value
 
 
 def _to_json(value):

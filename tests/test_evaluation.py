@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -147,3 +148,11 @@ def test_gap_closed():
     assert evaluation.gap_closed(0.6, baseline=0.4, ceiling=0.8) == pytest.approx(0.5)
     assert evaluation.gap_closed(0.3, baseline=0.4, ceiling=0.8) == pytest.approx(-0.25)  # worse than the baseline
     assert np.isnan(evaluation.gap_closed(0.5, baseline=0.5, ceiling=0.5))
+
+
+def test_metrics_json_is_strict_and_says_where_values_are_missing(tmp_path):
+    path = Path(tmp_path) / "metrics.json"
+    evaluation.write_json_atomic(path, {"a": float("nan"), "b": [1.0, np.float32("inf")], "c": {"d": np.nan}})
+    written = json.loads(path.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    assert written["a"] is None and written["b"] == [1.0, None] and written["c"]["d"] is None
+    assert set(written["null_values"]) == {"a", "b[1]", "c.d"}
