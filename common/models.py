@@ -116,17 +116,18 @@ def add_head(base: keras.Model, num_classes: int, dropout: float = 0.2, name: st
     return keras.Model(inputs, outputs, name=name)
 
 
-def logistic_regression_head(features, labels, c: float = 1.0):
+def logistic_regression_head(features, labels, c: float = 1.0, class_weight: str | None = None):
     """A classifier on cached features: standardisation, then multinomial logistic regression
     (scikit-learn, L2 penalty of inverse strength ``c``, L-BFGS to convergence); a fitted
-    ``Pipeline``. ``features``: (N, D), ``labels``: (N,) integers. Convert it for Keras with
-    ``linear_head_weights``.
+    ``Pipeline``. ``features``: (N, D), ``labels``: (N,) integers; ``class_weight="balanced"``
+    weighs each class inversely to its frequency, so a skewed training set does not shift the
+    head's prior. Convert it for Keras with ``linear_head_weights``.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000)).fit(features, labels)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, class_weight=class_weight)).fit(features, labels)
 
 
 def linear_head_weights(head, num_classes: int) -> list:

@@ -162,6 +162,82 @@ def balance_classes(probabilities: np.ndarray, prior: np.ndarray | None = None, 
     return q
 
 
+def estimate_prior(probabilities: np.ndarray, train_prior: np.ndarray | None = None, iterations: int = 1000,
+                   tolerance: float = 1e-6) -> np.ndarray:  # fmt: skip
+    """The class mix of an unlabeled set, from a classifier's probabilities on it, by EM.
+
+    Saerens, Latinne & Decaestecker (2002), "Adjusting the outputs of a classifier to new a
+    priori probabilities": the posteriors are re-weighted by ``prior / train_prior`` and
+    re-normalised, the prior is their mean, until it moves less than ``tolerance``.
+    ``probabilities``: (N, K) from a classifier trained with class frequencies ``train_prior``
+    (K,) (default: uniform, a per-class label budget). Returns the estimated prior (K,),
+    summing to one. It assumes the classes' images look alike in both sets (label shift); a
+    poorly calibrated classifier biases the estimate.
+    """
+    q = np.asarray(probabilities, dtype=np.float64) + 1e-12
+    k = q.shape[1]
+    base = np.full(k, 1.0 / k) if train_prior is None else np.asarray(train_prior, dtype=np.float64)
+    base = base / base.sum()
+    prior = base.copy()
+    for _ in range(iterations):
+        adjusted = q * (prior / base)
+        adjusted /= adjusted.sum(axis=1, keepdims=True)
+        new = adjusted.mean(axis=0)
+        if np.abs(new - prior).max() < tolerance:
+            return new
+        prior = new
+    return prior
+
+
+def total_variation(prior: np.ndarray, hidden_labels: np.ndarray, num_classes: int) -> float:
+    """Total variation distance (half the L1 distance, in [0, 1]) between a class mix ``prior``
+    (K,) and the class frequencies of ``hidden_labels`` (n,); labels outside 0..K-1 (foreign
+    images) are not counted."""
+    hidden = np.asarray(hidden_labels)
+    hidden = hidden[(hidden >= 0) & (hidden < num_classes)]
+    mix = np.bincount(hidden, minlength=num_classes) / max(len(hidden), 1)
+    return float(0.5 * np.abs(np.asarray(prior) - mix).sum())
+
+
+def foreign_scores(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """How unlike the labeled classes each pool image is: the cosine distance from its features to
+    the nearest class mean of the labeled images (nearest class mean, Mensink et al. 2013),
+    with features standardised on the labeled images.
+
+    ``labeled`` (n, D) with ``labels`` (n,), ``pool`` (N, D). Returns (the pool's scores (N,),
+    the labeled images' own scores (n,), each against class means that leave it out), so a
+    threshold can be calibrated on images known to belong: ``foreign_mask``. A class with one
+    labeled image has no left-out mean; its image scores 0.
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    scaler = StandardScaler().fit(labeled)
+    z, zp = unit(scaler.transform(labeled)), unit(scaler.transform(pool))
+    classes = np.unique(labels)
+    sums = np.stack([z[labels == c].sum(axis=0) for c in classes])
+    counts = np.array([np.sum(labels == c) for c in classes], dtype=np.float64)
+    pool_scores = 1.0 - (zp @ unit(sums / counts[:, None]).T).max(axis=1)
+    own = np.zeros(len(z))
+    for i, c in enumerate(np.searchsorted(classes, labels)):
+        if counts[c] < 2:
+            continue
+        means = sums / counts[:, None]
+        means[c] = (sums[c] - z[i]) / (counts[c] - 1)
+        own[i] = 1.0 - (unit(means) @ z[i]).max()
+    return pool_scores, own
+
+
+def foreign_mask(labeled: np.ndarray, labels: np.ndarray, pool: np.ndarray, quantile: float) -> np.ndarray:
+    """True for pool images that look foreign: their ``foreign_scores`` exceed the ``quantile``
+    of the labeled images' own (left-out) scores. ``quantile`` in (0, 1]; 1 sets the threshold
+    at the least typical labeled image. Returns a boolean (N,) mask."""
+    pool_scores, own = foreign_scores(labeled, labels, pool)
+    return pool_scores > np.quantile(own, quantile)
+
+
 def flexmatch_thresholds(probabilities: np.ndarray, threshold: float) -> np.ndarray:
     """FlexMatch's per-class thresholds (Zhang et al. 2021, "Curriculum Pseudo Labeling").
 
@@ -222,24 +298,40 @@ def label_spreading(graph, labels: np.ndarray, num_classes: int, alpha: float = 
 
 def pseudo_label_stats(pseudo_labels: np.ndarray, hidden_labels: np.ndarray | None, num_classes: int,
                        seen: int) -> dict:  # fmt: skip
-    """Count kept, share of ``seen``, precision against ``hidden_labels`` (NaN when there are
-    none, e.g. a user's unlabeled folder), and the class histogram of the pseudo-labels."""
+    """Count kept, share of ``seen``, the pseudo-labels per class and, against ``hidden_labels``,
+    their precision overall and per class. Without hidden labels (a user's unlabeled folder)
+    the precisions are None and ``precision_unknown`` says why; a class given no pseudo-label
+    has precision None. ``pseudo_labels``, ``hidden_labels``: (n,) integers."""
     kept = len(pseudo_labels)
-    known = hidden_labels is not None and kept
-    return {
-        "pseudo_labels_kept": int(kept),
-        "kept_share": kept / seen if seen else 0.0,
-        "pseudo_label_precision": float(np.mean(pseudo_labels == hidden_labels)) if known else float("nan"),
-        "class_histogram": np.bincount(pseudo_labels, minlength=num_classes).astype(int).tolist(),
-    }
+    counts = np.bincount(pseudo_labels, minlength=num_classes).astype(int)
+    stats = {"pseudo_labels_kept": int(kept), "kept_share": kept / seen if seen else 0.0,
+             "class_histogram": counts.tolist()}  # fmt: skip
+    if hidden_labels is None or not kept:
+        why = "the pool has no labels (a folder of images)" if hidden_labels is None else "no pseudo-label was kept"
+        return {**stats, "pseudo_label_precision": None, "precision_per_class": None, "precision_unknown": why}
+    right = pseudo_labels == hidden_labels
+    per_class = [float(right[pseudo_labels == c].mean()) if counts[c] else None for c in range(num_classes)]
+    return {**stats, "pseudo_label_precision": float(right.mean()), "precision_per_class": per_class}
 
 
 def log_round(name: str, test_accuracy: float, stats: dict, start: float) -> dict:
-    """One round's record: ``name``, ``test_accuracy``, ``stats`` (``pseudo_label_stats``) and the
-    seconds since ``start`` (``time.perf_counter``); printed as one line, returned."""
+    """One round's record: ``name``, ``test_accuracy``, ``stats`` (``pseudo_label_stats``, plus
+    optional ``prior_estimate`` / ``prior_error`` / ``balanced_to``: ``estimate_prior``'s class
+    mix, its total variation distance to the hidden one, the mix the pseudo-labels were balanced to) and the seconds since ``start``
+    (``time.perf_counter``); printed as a line and, per class, the pseudo-labels kept and their
+    precision. Returns the record."""
     record = {"round": name, "test_accuracy": test_accuracy, **stats, "seconds": round(time.perf_counter() - start, 1)}
-    print(f"  {name}: test accuracy {test_accuracy:.3f}, {record['pseudo_labels_kept']} pseudo-labels, "
-          f"precision {record['pseudo_label_precision']:.3f}, {record['seconds']:.0f} s", flush=True)  # fmt: skip
+    precision = record["pseudo_label_precision"]
+    print(f"  {name}: test accuracy {test_accuracy:.3f}, {record['pseudo_labels_kept']} pseudo-labels, precision "
+          f"{'unknown' if precision is None else f'{precision:.3f}'}, {record['seconds']:.0f} s", flush=True)  # fmt: skip
+    per_class = record.get("precision_per_class") or [None] * len(record["class_histogram"])
+    cells = [f"{n}" + ("" if p is None else f" ({p:.2f})") for n, p in zip(record["class_histogram"], per_class)]
+    print(f"    kept per class{' (precision)' if record.get('precision_per_class') else ''}: {' | '.join(cells)}")
+    if record.get("prior_estimate") is not None:
+        error, target = record.get("prior_error"), record.get("balanced_to")
+        print(f"    pool class mix estimated: {' | '.join(f'{p:.2f}' for p in record['prior_estimate'])}"
+              + ("" if error is None else f" (total variation from the hidden mix {error:.3f})") + "; balanced to "
+              + ("nothing" if target is None else " | ".join(f"{p:.2f}" for p in target)))  # fmt: skip
     return record
 
 
@@ -255,7 +347,8 @@ def plot_rounds(rounds: list[dict], baseline_accuracy: float, baseline: str):
     left.plot(names, [r["test_accuracy"] for r in rounds], "o-", label="self-training")
     left.axhline(baseline_accuracy, color="grey", linestyle="--", label=baseline)
     left.set(ylabel="test accuracy", title="test accuracy after each round")
-    right.plot(names, [r["pseudo_label_precision"] for r in rounds], "o-", label="precision (hidden labels)")
+    precision = [np.nan if r["pseudo_label_precision"] is None else r["pseudo_label_precision"] for r in rounds]
+    right.plot(names, precision, "o-", label="precision (hidden labels)")
     right.plot(names, [r["kept_share"] for r in rounds], "s--", label="share of the pool used")
     right.set(ylabel="fraction", title="pseudo-labels per round", ylim=(0, 1.02))
     for ax in (left, right):

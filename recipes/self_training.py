@@ -19,20 +19,19 @@ the 5,000 test images of classes 5-9:
 - ``scratch``: the base's architecture, random weights, trained on the 50 labels;
 - ``transfer`` (the baseline): a logistic-regression head on the base's cached features;
 - ``self_training``: Curriculum Labeling (Cascante-Bonilla et al. 2021) in feature space. Labels
-  spread from the labeled images along a k-nearest-neighbour graph of the pool's features
-  (label spreading, Zhou et al. 2004); the class probabilities are balanced so that every class
-  gets its share of the pool (Sinkhorn-Knopp); the most confident 20% of each class join the
-  labels, a new head is fit; then 40/60/80/100%, seeded by the last round's pseudo-labels.
+  spread from the labeled images along a k-nearest-neighbour graph of the features (label
+  spreading, Zhou et al. 2004), balanced to the pool's class mix (Sinkhorn-Knopp; the mix
+  estimated by EM, Saerens et al. 2002, when it is skewed); the surest 20% of each class join the
+  labels, a new head is fit; then 40/60/80/100%. A guard first self-trains on folds of the
+  labels: if that loses to transfer on the held-out labels, the run keeps transfer's model.
 
-Other methods, one flag away: ``--labeler confidence`` (the head labels the pool), ``--method
-noisy_student`` (then students in image space, from the base, every layer trained, dropout and
-augmented views), ``--method consistency`` (FixMatch from the transfer model, an EMA teacher,
-``--flexmatch`` thresholds). ``--base`` also takes a keras.applications name or a ``.keras``
-file; ``--pool folder:<path>`` uses your own unlabeled images. ``--base none --method
-consistency --target-classes 0-9 --labels-per-class 100`` is the from-scratch setting this
-recipe started from, where a small CNN gains little. ``--strategy multi_worker`` (hosts in
-``TF_CONFIG``) trains scratch and the students through the shared distributed step, each worker
-labelling a shard of the pool; ``--backup-dir`` makes those phases resumable.
+Other methods: ``--labeler confidence`` (the head labels the pool), ``--method noisy_student``
+(then students in image space from the base), ``--method consistency`` (FixMatch from the
+transfer model, an EMA teacher). ``--base`` also takes a keras.applications name or a
+``.keras`` file; ``--pool folder:<path>`` your own unlabeled images (skewed and dirty pools:
+``docs/self_training_pools.md``); ``--base none --method consistency`` the from-scratch
+setting. ``--strategy multi_worker`` trains scratch and the students distributed;
+``--backup-dir`` makes them resumable.
 
 What to expect (seeds 0-2, base cached): transfer 88.9-90.4%, self-training 94.2-94.8% (+4.7
 points on average, +4.3 at least), pseudo-label precision 0.94-0.95 on the whole pool; about 1.5
@@ -41,6 +40,7 @@ minutes of CPU. Every measured setting, with its command: ``docs/self_training_e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -55,6 +55,13 @@ from common.cli import InputError, RecipeConfig, knob, make_strategy, run_cli, s
 
 METHODS = ("curriculum", "noisy_student", "consistency")
 LABELERS = ("propagation", "confidence")
+BALANCES = ("auto", "estimated", "uniform", "none")
+# Options that only some methods read: set under another method, they are refused (check_config).
+FEATURE_SPACE = ("labeler", "fractions", "balance", "skew", "foreign", "guard", "guard_folds", "guard_pool", "head_c")
+STUDENT = ("student_rounds", "student_epochs", "student_view", "labeled_repeat")
+CONSISTENCY = ("steps", "teacher_steps", "threshold", "flexmatch", "unlabeled_ratio", "ema")
+READS = {"curriculum": FEATURE_SPACE, "noisy_student": FEATURE_SPACE + STUDENT + ("learning_rate", "batch_size"),
+         "consistency": CONSISTENCY + ("learning_rate", "batch_size")}  # fmt: skip
 
 
 @dataclass
@@ -79,7 +86,14 @@ class Config(RecipeConfig):
     method: str = knob("curriculum", "curriculum (feature space) | noisy_student (then image space) | consistency.")
     labeler: str = knob("propagation", "Pseudo-labels spread along a k-NN graph | from the head's confidence.")
     fractions: str = knob("0.2,0.4,0.6,0.8,1.0", "Curriculum: share of each class's pool predictions kept, per round.")
-    balance: bool = knob(True, "Rescale pool predictions so every class gets its share (Sinkhorn-Knopp).")
+    balance: str = knob("auto", "Rescale pool predictions to a class mix (Sinkhorn-Knopp): the pool's, estimated by EM from transfer's head (Saerens et al. 2002) | uniform | none | auto (the estimate if it departs from the labels' mix by more than --skew, else the labels' mix).")  # fmt: skip
+    skew: float = knob(0.15, "--balance auto: total variation between the estimated pool mix and the labels' mix above which the estimate is used.", minimum=0.0, maximum=1.0)  # fmt: skip
+    foreign: float = knob(0.0, "Leave out pool images less like the labeled classes than this quantile of the labeled images (cosine to the nearest class mean), e.g. 1.0; 0 keeps all (and only counts them).", minimum=0.0, maximum=1.0)  # fmt: skip
+    guard: bool = knob(True, "Cross-validate on the labels (--guard-folds) whether self-training beats transfer without costing a class more than one held-out image; keep transfer's model if not.")  # fmt: skip
+    guard_folds: int = knob(0, "Folds of the labels the guard holds out in turn (at most the labels per class); 0: 5 when the pool's mix is balanced to a skewed estimate, else 2.", minimum=0)  # fmt: skip
+    guard_pool: int = knob(
+        5000, "Pool images the guard's folds self-train on, drawn with the seed (0: all).", minimum=0
+    )
     head_c: float = knob(1.0, "Inverse L2 strength (scikit-learn's C) of the logistic-regression heads.", minimum=1e-6)
     student_rounds: int = knob(2, "noisy_student: students in turn, each labeling the pool for the next.", minimum=1)
     student_epochs: int = knob(2, "noisy_student: epochs over labels + pseudo-labels per student.", minimum=1)
@@ -132,7 +146,24 @@ def check_config(config: Config, target: data.Dataset) -> None:
                          f"{config.strategy}; use --method curriculum or noisy_student")  # fmt: skip
     if config.method == "consistency" and config.backup_dir:
         raise InputError("--method consistency keeps no checkpoints for --backup-dir; run it without the flag")
+    if config.guard_folds == 1:
+        raise InputError("--guard-folds 1 holds nothing out; give 2 or more (0: the default choice)")
+    if config.balance not in BALANCES:
+        raise InputError(f"unknown --balance {config.balance!r}; choose one of {', '.join(BALANCES)}")
+    ignored = [name for name in set().union(*READS.values()) - set(READS[config.method]) if was_set(config, name)]
+    if ignored:
+        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(ignored))
+        raise InputError(f"--method {config.method} does not read {flags}; drop {'them' if len(ignored) > 1 else 'it'}"
+                         f" (methods that do: {', '.join(m for m in METHODS if set(ignored) <= set(READS[m]))})")  # fmt: skip
     semi.parse_fractions(config.fractions)
+
+
+def was_set(config: Config, name: str) -> bool:
+    """Whether the user set option ``name``: on the command line, or to a value other than its
+    default (and other than ``--quick``'s)."""
+    default = next(f.default for f in dataclasses.fields(config) if f.name == name)
+    value = getattr(config, name)
+    return name in config.given or (value != default and not (config.quick and config.QUICK.get(name) == value))
 
 
 def split_target(target: data.Dataset, config: Config) -> semi.Split:
@@ -164,8 +195,11 @@ def extract_features(base: bases.Base, images: np.ndarray, strategy=None) -> np.
 
 
 def fit_head(features: np.ndarray, labels: np.ndarray, config: Config):
+    """A logistic-regression head; classes weighed to equal shares, so that the pool's class mix
+    (70/25/5 pseudo-labels, say) does not become the head's prior: it predicts with the prior of
+    transfer's head, which the per-class label budget makes uniform."""
     # scikit-learn's L-BFGS on features every worker holds: under multi_worker each fits the same head.
-    return models.logistic_regression_head(features, labels, config.head_c)
+    return models.logistic_regression_head(features, labels, config.head_c, class_weight="balanced")
 
 
 def transfer_model(base: bases.Base, head, num_classes: int) -> keras.Model:
@@ -175,51 +209,125 @@ def transfer_model(base: bases.Base, head, num_classes: int) -> keras.Model:
     return model
 
 
-def curriculum(features: dict, split: semi.Split, num_classes: int, config: Config):
-    """Curriculum Labeling in feature space: label the pool, keep each class's most confident
-    share, refit the head on labels + pseudo-labels, raise the share. Labels come from the head
-    (``confidence``) or spread along a k-NN graph of the features from the labels and the last
-    round's pseudo-labels (``propagation``). Returns the last head, the rounds and the pool's
-    last class probabilities. Under multi_worker every worker runs these scikit-learn steps on
-    the same features and gets the same result: nothing here is distributed."""
-    head, rounds = fit_head(features["labeled"], split.y_labeled, config), []
-    kept, pseudo, n = np.empty(0, np.int64), np.empty(0, np.int64), len(split.y_labeled)
-    graph = semi.knn_graph(np.concatenate([features["labeled"], features["pool"]]), seed=config.seed) if config.labeler == "propagation" else None  # fmt: skip
+def leave_out_foreign(features: dict, split: semi.Split, config: Config) -> tuple[dict, semi.Split, dict]:
+    """Count the pool images that look unlike every labeled class (``semi.foreign_mask``: beyond
+    the least typical labeled image) and, with --foreign q > 0, leave out those beyond the
+    labeled images' q-quantile. Returns the features, the split and the counts (printed)."""
+    counts = {"foreign_looking": int(semi.foreign_mask(features["labeled"], split.y_labeled, features["pool"], 1.0).sum())}  # fmt: skip
+    foreign = np.zeros(len(split.x_pool), bool)
+    if config.foreign > 0:
+        foreign = semi.foreign_mask(features["labeled"], split.y_labeled, features["pool"], config.foreign)
+    if foreign.all():
+        raise InputError(f"--foreign {config.foreign}: every pool image looks unlike the labeled classes; "
+                         "check that the pool holds images of these classes, or lower --foreign (0 keeps all)")  # fmt: skip
+    counts["foreign_left_out"] = int(foreign.sum())
+    print(f"  pool: {counts['foreign_looking']} of {len(foreign)} images look unlike every labeled class (less alike "
+          f"than the least typical labeled image); " + (f"left out {counts['foreign_left_out']} (--foreign "
+          f"{config.foreign})" if config.foreign else "all kept (--foreign 1.0 would leave them out)"), flush=True)  # fmt: skip
+    keep = ~foreign
+    hidden = None if split.hidden_labels is None else split.hidden_labels[keep]
+    split = dataclasses.replace(split, x_pool=split.x_pool[keep], hidden_labels=hidden, pool_index=split.pool_index[keep])  # fmt: skip
+    return {**features, "pool": features["pool"][keep]}, split, counts
+
+
+def choose_class_mix(head, pool: np.ndarray, y_labeled: np.ndarray, num_classes: int, config: Config):
+    """The class mix the pseudo-labels are balanced to, and the pool's estimated mix.
+
+    The estimate is EM on transfer's head (``semi.estimate_prior``; trained on the labels' mix),
+    made once, before any pseudo-label can bias it. ``--balance estimated`` uses it, ``uniform``
+    the labels' mix, ``none`` nothing (None), ``auto`` the estimate only when it departs from the
+    labels' mix by more than ``--skew`` (total variation): on a balanced pool the head's
+    calibration error alone puts the estimate 0.04-0.08 away, and balancing to it costs points
+    (docs/self_training_pools.md). Returns (target mix (K,) or None, estimate (K,))."""
+    labels_mix = np.bincount(y_labeled, minlength=num_classes) / len(y_labeled)
+    estimate = semi.estimate_prior(head.predict_proba(pool), labels_mix)
+    skewed = 0.5 * np.abs(estimate - labels_mix).sum() > config.skew
+    target = {"estimated": estimate, "uniform": labels_mix, "none": None}.get(config.balance)
+    if config.balance == "auto":
+        target = estimate if skewed else labels_mix
+    return target, estimate
+
+
+def curriculum(labeled: np.ndarray, y_labeled: np.ndarray, pool: np.ndarray, num_classes: int, config: Config,
+               evaluate: tuple, hidden: np.ndarray | None = None, log: bool = True):  # fmt: skip
+    """Curriculum Labeling in feature space: label the pool, balance it to the pool's estimated
+    class mix, keep each class's most confident share, refit the head on labels + pseudo-labels,
+    raise the share. Labels come from the head (``confidence``) or spread along a k-NN graph of
+    the features from the labels and the last round's pseudo-labels (``propagation``).
+
+    ``labeled`` (n, D) / ``y_labeled``, ``pool`` (N, D) features; ``evaluate`` = (features, labels)
+    scored after each round (the test set; the held-out fold in ``guard``); ``hidden`` the pool's
+    labels, for precision only. Returns the last head, the rounds (printed when ``log``) and the
+    pool's last class probabilities. Under multi_worker every worker runs these scikit-learn steps
+    on the same features and gets the same result: nothing here is distributed."""
+    head, rounds, n = fit_head(labeled, y_labeled, config), [], len(y_labeled)
+    kept, pseudo = np.empty(0, np.int64), np.empty(0, np.int64)
+    graph = semi.knn_graph(np.concatenate([labeled, pool]), seed=config.seed) if config.labeler == "propagation" else None  # fmt: skip
+    prior, estimate = choose_class_mix(head, pool, y_labeled, num_classes, config)
     for fraction in semi.parse_fractions(config.fractions):
         start = time.perf_counter()
         if graph is not None:
             seeds = np.full(graph.shape[0], -1)
-            seeds[:n], seeds[n + kept] = split.y_labeled, pseudo
+            seeds[:n], seeds[n + kept] = y_labeled, pseudo
             probabilities = semi.label_spreading(graph, seeds, num_classes)[n:]
         else:
-            probabilities = head.predict_proba(features["pool"])
-        if config.balance:
-            probabilities = semi.balance_classes(probabilities)
+            probabilities = head.predict_proba(pool)
+        if prior is not None:
+            probabilities = semi.balance_classes(probabilities, prior)
         kept, pseudo = semi.select_top_fraction(probabilities, fraction)
-        hidden = None if split.hidden_labels is None else split.hidden_labels[kept]
-        head = fit_head(np.concatenate([features["labeled"], features["pool"][kept]]),
-                        np.concatenate([split.y_labeled, pseudo]), config)  # fmt: skip
-        rounds.append(semi.log_round(f"curriculum {fraction:.0%}", head.score(features["test"], split.y_test),
-                                     semi.pseudo_label_stats(pseudo, hidden, num_classes, len(split.x_pool)), start))  # fmt: skip
+        head = fit_head(np.concatenate([labeled, pool[kept]]), np.concatenate([y_labeled, pseudo]), config)
+        stats = semi.pseudo_label_stats(pseudo, None if hidden is None else hidden[kept], num_classes, len(pool))
+        stats["prior_estimate"], stats["balanced_to"] = estimate.tolist(), None if prior is None else prior.tolist()
+        stats["prior_error"] = None if hidden is None else semi.total_variation(estimate, hidden, num_classes)
+        accuracy = head.score(*evaluate)
+        rounds.append(semi.log_round(f"curriculum {fraction:.0%}", accuracy, stats, start) if log else {"test_accuracy": accuracy})  # fmt: skip
     if graph is None:
-        probabilities = head.predict_proba(features["pool"])
+        probabilities = head.predict_proba(pool)
     return head, rounds, probabilities
+
+
+def guard(features: dict, y_labeled: np.ndarray, num_classes: int, config: Config) -> dict | None:
+    """Does self-training beat transfer on images neither saw? Two stratified folds of the labels:
+    on each, transfer (a head on one fold) and the curriculum (that fold + the pool, at most
+    --guard-pool images) predict the other fold. Returns both accuracies over all labeled
+    images and per class, and the most held-out images of one class that self-training gets
+    wrong and transfer right, net (``worst_class_loss``); None when a class has fewer than 2
+    labels (nothing to hold out)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if np.bincount(y_labeled).min() < 2:
+        return None
+    pool = features["pool"]
+    if 0 < config.guard_pool < len(pool):
+        pool = pool[np.random.default_rng(config.seed + 2).choice(len(pool), config.guard_pool, replace=False)]
+    right = {"transfer": np.zeros(num_classes, int), "self_training": np.zeros(num_classes, int)}
+    folds = StratifiedKFold(min(config.guard_folds, int(np.bincount(y_labeled).min())), shuffle=True, random_state=config.seed)  # fmt: skip
+    for train, held in folds.split(features["labeled"], y_labeled):
+        x, y, (x_held, y_held) = features["labeled"][train], y_labeled[train], (features["labeled"][held], y_labeled[held])  # fmt: skip
+        head, *_ = curriculum(x, y, pool, num_classes, config, (x_held, y_held), log=False)
+        for name, model in (("transfer", fit_head(x, y, config)), ("self_training", head)):
+            right[name] += np.bincount(y_held[model.predict(x_held) == y_held], minlength=num_classes)
+    counts = np.bincount(y_labeled, minlength=num_classes)
+    return {**{name: int(r.sum()) / len(y_labeled) for name, r in right.items()},
+            **{f"{name}_per_class": (r / np.maximum(counts, 1)).tolist() for name, r in right.items()},
+            "worst_class_loss": int((right["transfer"] - right["self_training"]).max())}  # fmt: skip
 
 
 # --- The noised student in image space ---------------------------------------------------------
 
 
-def noisy_students(base: bases.Base, head, probabilities: np.ndarray, split: semi.Split, num_classes: int,
+def noisy_students(base: bases.Base, head, probabilities: np.ndarray, prior, split: semi.Split, num_classes: int,
                    config: Config, strategy=None, backup=None):  # fmt: skip
     """Students in turn, each from the base and the curriculum head, trained on the labels
     (repeated) plus the pool labeled by ``probabilities`` (then by the previous student, each
-    worker predicting a shard of the pool under multi_worker)."""
+    worker predicting a shard of the pool under multi_worker), balanced to ``prior`` (the
+    curriculum's last class mix; None: not balanced)."""
     strategy = strategy or tf.distribute.get_strategy()
     x_pool, x_labeled = data.to_input_shape(split.x_pool, base.input_shape), data.to_input_shape(split.x_labeled, base.input_shape)  # fmt: skip
     rounds, history, student = [], {}, None
     for number in range(1, config.student_rounds + 1):
         start = time.perf_counter()
-        pseudo = (semi.balance_classes(probabilities) if config.balance else probabilities).argmax(axis=1)
+        pseudo = (probabilities if prior is None else semi.balance_classes(probabilities, prior)).argmax(axis=1)
         x = np.concatenate([np.repeat(x_labeled, config.labeled_repeat, axis=0), x_pool])
         y = np.concatenate([np.repeat(split.y_labeled, config.labeled_repeat), pseudo])
         with strategy.scope():
@@ -285,6 +393,51 @@ def consistency(model: keras.Model, split: semi.Split, base: bases.Base | None, 
     return trainer.ema_model, rounds, baseline.ema_model if baseline else None
 
 
+def guarded_curriculum(features: dict, split: semi.Split, num_classes: int, config: Config):
+    """The curriculum on the pool, after the checks: foreign-looking images counted (or left out),
+    and the guard asked. Returns (the curriculum's
+    head, or None when the guard keeps transfer; the rounds; the pool's last probabilities; the
+    split and features actually used; the checks and the balance chosen, for metrics.json)."""
+    features, split, checks = leave_out_foreign(features, split, config)
+    checks["pool_used"] = len(split.x_pool)
+    if config.guard and not config.guard_folds:  # a skewed pool is the riskier case: a finer check (5 folds)
+        mix, _ = choose_class_mix(fit_head(features["labeled"], split.y_labeled, config), features["pool"],
+                                  split.y_labeled, num_classes, config)  # fmt: skip
+        uniform = np.bincount(split.y_labeled, minlength=num_classes) / len(split.y_labeled)
+        config = dataclasses.replace(config, guard_folds=5 if mix is not None and not np.allclose(mix, uniform) else 2)
+    verdict = guard(features, split.y_labeled, num_classes, config) if config.guard else None
+    head, rounds, probabilities = curriculum(features["labeled"], split.y_labeled, features["pool"], num_classes,
+                                             config, (features["test"], split.y_test), split.hidden_labels)  # fmt: skip
+    if not config.guard:
+        return head, rounds, probabilities, features, split, {**checks, "kept": "self_training"}
+    if verdict is None:
+        print("  guard: skipped (a class has fewer than 2 labels to hold out)", flush=True)
+        return head, rounds, probabilities, features, split, {**checks, "kept": "self_training"}
+    checks["guard"] = verdict
+    # Better overall, and no class (a minority one above all) paying for it with more than one image.
+    beaten = verdict["self_training"] > verdict["transfer"] and verdict["worst_class_loss"] <= 1
+    print(f"  guard: on held-out labels ({config.guard_folds} folds) self-training {verdict['self_training']:.3f}, transfer "
+          f"{verdict['transfer']:.3f}, one class at most {verdict['worst_class_loss']} image(s) worse: "
+          + ("self-training kept" if beaten else "keeping transfer's model"), flush=True)  # fmt: skip
+    return head if beaten else None, rounds, probabilities, features, split, {**checks, "kept": "self_training" if beaten else "transfer"}  # fmt: skip
+
+
+def self_train_in_feature_space(base: bases.Base, transfer_head, features: dict, split: semi.Split,
+                                num_classes: int, config: Config, strategy, backup, histories: dict):  # fmt: skip
+    """``guarded_curriculum``, then with noisy_student the students. Returns the model kept (transfer's
+    if the guard says so), the rounds and the checks."""
+    head, rounds, probabilities, features, split, checks = guarded_curriculum(features, split, num_classes, config)
+    if head is None:
+        return transfer_model(base, transfer_head, num_classes), rounds, checks
+    student = transfer_model(base, head, num_classes)
+    if config.method == "noisy_student":
+        prior = rounds[-1]["balanced_to"]
+        student, more, histories["self_training"] = noisy_students(base, head, probabilities, prior, split,
+                                                                   num_classes, config, strategy, backup)  # fmt: skip
+        rounds += more
+    return student, rounds, checks
+
+
 # --- Baseline from scratch, the whole recipe -----------------------------------------------
 
 
@@ -313,7 +466,7 @@ def run(config: Config) -> dict:
     backup = distributed.Backup(config.backup_dir)  # --backup-dir: each phase resumes from its last epoch
     run_dir = evaluation.make_run_dir("self_training", config.out)
     print(f"target task: {target}\n{split}, method {config.method}\nrun folder: {run_dir}", flush=True)
-    n, histories, seconds, phase = target.num_classes, {}, {}, time.perf_counter()
+    n, histories, seconds, phase, checks = target.num_classes, {}, {}, time.perf_counter(), {}
 
     def report(model, x_test, **extra):
         return dict(evaluation.classification_report(model, x_test, split.y_test, n), **extra)
@@ -341,12 +494,8 @@ def run(config: Config) -> dict:
         if config.method == "consistency":
             student, rounds, _ = consistency(semi.build_student(base, head, n, config.dropout), split, base, n, config)
         else:
-            head, rounds, probabilities = curriculum(features, split, n, config)
-            student = transfer_model(base, head, n)
-            if config.method == "noisy_student":
-                student, more, histories["self_training"] = noisy_students(base, head, probabilities, split, n, config,
-                                                                           strategy, backup)  # fmt: skip
-                rounds += more
+            student, rounds, checks = self_train_in_feature_space(base, head, features, split, n, config, strategy,
+                                                                  backup, histories)  # fmt: skip
     seconds["self_training"] = round(time.perf_counter() - phase, 1)
     variants["self_training"] = report(student, x_test, rounds=rounds)
     for name, value in seconds.items():
@@ -357,6 +506,7 @@ def run(config: Config) -> dict:
         "self_training", config.dataset, "test_accuracy", baseline, variants, time.perf_counter() - start,
         method=config.method, base=config.base, labels_per_class=config.labels_per_class,
         labeled_images=len(split.x_labeled), unlabeled_images=len(split.x_pool), test_images=len(split.y_test), **gains,
+        checks=checks,
     )  # fmt: skip
     figures = {
         "rounds": semi.plot_rounds(rounds, variants[baseline]["test_accuracy"], baseline),
