@@ -526,8 +526,10 @@ class EMATrainer:
     """One training phase: Adam with a cosine decay over ``steps``, an EMA of the weights.
 
     ``ema_model`` (same architecture) follows ``model`` as an exponential moving average with
-    the usual warm-up ``min(decay, (1 + t) / (10 + t))``; it teaches and is evaluated (Mean
-    Teacher, Tarvainen & Valpola 2017). ``consistency_step`` is FixMatch's (Sohn et al. 2020):
+    the usual warm-up ``min(decay, (1 + t) / (10 + t))``, or with ``warmup=False`` the plain
+    ``decay`` from step 0 (a teacher that starts as a pretrained model stays close to it while
+    the student moves; with the warm-up it is mostly the moving student for the first hundred
+    steps); it teaches and is evaluated (Mean Teacher, Tarvainen & Valpola 2017). ``consistency_step`` is FixMatch's (Sohn et al. 2020):
     the EMA teacher labels a weak view of the unlabeled batch; where its confidence reaches the
     threshold (``threshold``, or FlexMatch's per-class thresholds when ``flexmatch`` and the
     pool indices are given), the student learns that label on a strong view. Labeled and
@@ -536,8 +538,9 @@ class EMATrainer:
 
     def __init__(self, model: keras.Model, ema_model: keras.Model, steps: int, learning_rate: float,
                  ema: float = 0.99, weak=None, strong=None, threshold: float = 0.95, pool_size: int = 0,
-                 flexmatch: bool = False):  # fmt: skip
+                 flexmatch: bool = False, warmup: bool = True):  # fmt: skip
         self.model, self.ema_model, self.ema, self.threshold = model, ema_model, ema, threshold
+        self.warmup = warmup
         self.optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, max(1, steps)))
         self.optimizer.build(model.trainable_variables)
         self.weak, self.strong, self.flexmatch = weak, strong, flexmatch
@@ -552,7 +555,7 @@ class EMATrainer:
         variables = self.model.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
         t = tf.cast(self.optimizer.iterations, tf.float32)
-        decay = tf.minimum(self.ema, (1.0 + t) / (10.0 + t))
+        decay = tf.minimum(self.ema, (1.0 + t) / (10.0 + t)) if self.warmup else tf.constant(self.ema)
         for ema_weight, weight in self.pairs:
             ema_weight.assign(decay * ema_weight + (1.0 - decay) * weight)
 

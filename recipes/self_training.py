@@ -354,15 +354,20 @@ def consistency(model: keras.Model, split: semi.Split, base: bases.Base | None, 
     """``teacher_steps`` labels-only steps (--base none), then --steps FixMatch steps in four
     reporting chunks. Returns the EMA student, the chunks, and (with ``teacher_steps``) a
     labels-only twin trained for as many steps: the from-scratch baseline."""
+    if base is not None:  # BatchNorm of the pretrained base in inference mode (frozen): its statistics stay the
+        # ones the transfer head was fit on, not those of each mixed labeled + strong-view batch
+        for layer in model.get_layer("base").layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.trainable = False
     preprocess = base.preprocess if base else (lambda images: images)
     shape = base.input_shape if base else split.x_labeled.shape[1:]
     x_labeled, x_pool, x_test = (data.to_input_shape(x, shape) for x in (split.x_labeled, split.x_pool, split.x_test))
     weak = semi.view_then("weak", config.seed, preprocess)
     strong = semi.view_then("erasing", config.seed + 10, preprocess)
 
-    def new_trainer(network, steps):
+    def new_trainer(network, steps, warmup=True):
         return semi.EMATrainer(network, semi.copy_model(network), steps, config.learning_rate, config.ema, weak, strong,
-                               config.threshold, len(split.x_pool), config.flexmatch)  # fmt: skip
+                               config.threshold, len(split.x_pool), config.flexmatch, warmup)  # fmt: skip
 
     rng, baseline = np.random.default_rng(config.seed + 10), None
     batch = min(config.batch_size, len(split.x_labeled))
@@ -373,7 +378,10 @@ def consistency(model: keras.Model, split: semi.Split, base: bases.Base | None, 
             teacher.labels_step(x_labeled[idx], split.y_labeled[idx])
         model = teacher.ema_model
         baseline = new_trainer(semi.copy_model(model), config.steps)
-    trainer = new_trainer(model, config.steps)
+    # From the transfer model the EMA teacher starts as that model, with no warm-up: with it the
+    # teacher followed the student's first steps and the pool's pseudo-labels collapsed
+    # (docs/self_training_consistency.md). --base none keeps the warm-up (not re-measured).
+    trainer = new_trainer(model, config.steps, warmup=base is None)
     pool = semi.index_batches(len(split.x_pool), batch * config.unlabeled_ratio, rng)
     rounds = []
     for chunk in np.array_split(np.arange(config.steps), min(4, config.steps)):
