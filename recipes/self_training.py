@@ -33,9 +33,9 @@ transfer model, an EMA teacher). ``--base`` also takes a keras.applications name
 setting. ``--strategy multi_worker`` trains scratch and the students distributed;
 ``--backup-dir`` makes them resumable.
 
-What to expect (seeds 0-2, base cached): transfer 88.9-90.4%, self-training 94.2-94.8% (+4.7
-points on average, +4.3 at least), pseudo-label precision 0.94-0.95 on the whole pool; about 1.5
-minutes of CPU. Every measured setting, with its command: ``docs/self_training_experiments.md``.
+What to expect (seeds 0-2, base cached): transfer 88.9-90.4%, self-training 94.1-94.9% (+4.6
+points on average, +4.2 at least; the guard passed on every seed); 47-50 s alone on 2 cores.
+Every measured setting, with its command: ``docs/self_training_experiments.md``.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class Config(RecipeConfig):
     balance: str = knob("auto", "Rescale pool predictions to a class mix (Sinkhorn-Knopp): the pool's, estimated by EM from transfer's head (Saerens et al. 2002) | uniform | none | auto (the estimate if it departs from the labels' mix by more than --skew, else the labels' mix).")  # fmt: skip
     skew: float = knob(0.15, "--balance auto: total variation between the estimated pool mix and the labels' mix above which the estimate is used.", minimum=0.0, maximum=1.0)  # fmt: skip
     foreign: float = knob(0.0, "Leave out pool images less like the labeled classes than this quantile of the labeled images (cosine to the nearest class mean), e.g. 1.0; 0 keeps all (and only counts them).", minimum=0.0, maximum=1.0)  # fmt: skip
-    guard: bool = knob(True, "Cross-validate on the labels (--guard-folds) whether self-training beats transfer without costing a class more than one held-out image; keep transfer's model if not.")  # fmt: skip
+    guard: bool = knob(True, "Cross-validate on the labels (--guard-folds) whether self-training beats transfer (on a skewed pool: without costing a class more than one held-out image); keep transfer's model if not.")  # fmt: skip
     guard_folds: int = knob(0, "Folds of the labels the guard holds out in turn (at most the labels per class); 0: 5 when the pool's mix is balanced to a skewed estimate, else 2.", minimum=0)  # fmt: skip
     guard_pool: int = knob(
         5000, "Pool images the guard's folds self-train on, drawn with the seed (0: all).", minimum=0
@@ -408,11 +408,15 @@ def guarded_curriculum(features: dict, split: semi.Split, num_classes: int, conf
     split and features actually used; the checks and the balance chosen, for metrics.json)."""
     features, split, checks = leave_out_foreign(features, split, config)
     checks["pool_used"] = len(split.x_pool)
-    if config.guard and not config.guard_folds:  # a skewed pool is the riskier case: a finer check (5 folds)
-        mix, _ = choose_class_mix(fit_head(features["labeled"], split.y_labeled, config), features["pool"],
-                                  split.y_labeled, num_classes, config)  # fmt: skip
-        uniform = np.bincount(split.y_labeled, minlength=num_classes) / len(split.y_labeled)
-        config = dataclasses.replace(config, guard_folds=5 if mix is not None and not np.allclose(mix, uniform) else 2)
+    # A pool balanced to a skewed estimate is the riskier case, for its minority class above all:
+    # there the guard holds out 5 folds (unless --guard-folds says) and no class may lose more than
+    # one held-out image; elsewhere 2 folds and the overall accuracy decide.
+    mix, _ = choose_class_mix(fit_head(features["labeled"], split.y_labeled, config), features["pool"],
+                              split.y_labeled, num_classes, config)  # fmt: skip
+    uniform = np.bincount(split.y_labeled, minlength=num_classes) / len(split.y_labeled)
+    skewed = mix is not None and not np.allclose(mix, uniform)
+    if not config.guard_folds:
+        config = dataclasses.replace(config, guard_folds=5 if skewed else 2)
     verdict = guard(features, split.y_labeled, num_classes, config) if config.guard else None
     head, rounds, probabilities = curriculum(features["labeled"], split.y_labeled, features["pool"], num_classes,
                                              config, (features["test"], split.y_test), split.hidden_labels)  # fmt: skip
@@ -422,10 +426,10 @@ def guarded_curriculum(features: dict, split: semi.Split, num_classes: int, conf
         print("  guard: skipped (a class has fewer than 2 labels to hold out)", flush=True)
         return head, rounds, probabilities, features, split, {**checks, "kept": "self_training"}
     checks["guard"] = verdict
-    # Better overall, and no class (a minority one above all) paying for it with more than one image.
-    beaten = verdict["self_training"] > verdict["transfer"] and verdict["worst_class_loss"] <= 1
+    beaten = verdict["self_training"] > verdict["transfer"] and (not skewed or verdict["worst_class_loss"] <= 1)
     print(f"  guard: on held-out labels ({config.guard_folds} folds) self-training {verdict['self_training']:.3f}, transfer "
-          f"{verdict['transfer']:.3f}, one class at most {verdict['worst_class_loss']} image(s) worse: "
+          f"{verdict['transfer']:.3f}, one class at most {verdict['worst_class_loss']} image(s) worse"
+          + (" (skewed pool: at most 1 allowed): " if skewed else ": ")
           + ("self-training kept" if beaten else "keeping transfer's model"), flush=True)  # fmt: skip
     return head if beaten else None, rounds, probabilities, features, split, {**checks, "kept": "self_training" if beaten else "transfer"}  # fmt: skip
 
