@@ -127,7 +127,8 @@ def logistic_regression_head(features, labels, c: float = 1.0, class_weight: str
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, class_weight=class_weight)).fit(features, labels)
+    regression = LogisticRegression(C=c, max_iter=1000, class_weight=class_weight)
+    return make_pipeline(StandardScaler(), regression).fit(features, labels)
 
 
 def linear_head_weights(head, num_classes: int) -> list:
