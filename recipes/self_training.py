@@ -250,8 +250,8 @@ def choose_class_mix(head, pool: np.ndarray, y_labeled: np.ndarray, num_classes:
 
 def curriculum(labeled: np.ndarray, y_labeled: np.ndarray, pool: np.ndarray, num_classes: int, config: Config,
                evaluate: tuple, hidden: np.ndarray | None = None, log: bool = True):  # fmt: skip
-    """Curriculum Labeling in feature space: label the pool, balance it to the pool's estimated
-    class mix, keep each class's most confident share, refit the head on labels + pseudo-labels,
+    """Curriculum Labeling in feature space: label the pool, balance it to the class mix that
+    ``choose_class_mix`` gives, keep each class's most confident share, refit the head on labels + pseudo-labels,
     raise the share. Labels come from the head (``confidence``) or spread along a k-NN graph of
     the features from the labels and the last round's pseudo-labels (``propagation``).
 
@@ -287,9 +287,9 @@ def curriculum(labeled: np.ndarray, y_labeled: np.ndarray, pool: np.ndarray, num
 
 
 def guard(features: dict, y_labeled: np.ndarray, num_classes: int, config: Config) -> dict | None:
-    """Does self-training beat transfer on images neither saw? Two stratified folds of the labels:
-    on each, transfer (a head on one fold) and the curriculum (that fold + the pool, at most
-    --guard-pool images) predict the other fold. Returns both accuracies over all labeled
+    """Does self-training beat transfer on images neither saw? --guard-folds stratified folds of
+    the labels: for each, transfer (a head on the other folds) and the curriculum (the other folds
+    + the pool, at most --guard-pool images) predict the held-out fold. Returns both accuracies over all labeled
     images and per class, and the most held-out images of one class that self-training gets
     wrong and transfer right, net (``worst_class_loss``); None when a class has fewer than 2
     labels (nothing to hold out)."""
