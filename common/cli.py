@@ -63,6 +63,25 @@ class RecipeConfig:
     MULTI_WORKER: ClassVar[bool] = False
     BACKUP: ClassVar[bool] = False
 
+    def was_set(self, name: str) -> bool:
+        """Whether the user set option ``name``: on the command line (``given``), or in
+        ``Config(...)`` to a value other than its default and other than ``--quick``'s."""
+        default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+        value = getattr(self, name)
+        return name in self.given or (value != default and not (self.quick and self.QUICK.get(name) == value))
+
+    def refuse_unread(self, flag: str, choice: str, reads: dict[str, tuple[str, ...]]) -> None:
+        """``InputError`` when an option set by the user (``was_set``) is read only under other
+        values of ``--flag`` than ``choice``. ``reads``: {value of --flag: the field names it reads,
+        of those that not every value reads}, e.g. {"curriculum": ("fractions",), ...}."""
+        unread = sorted(n for n in set().union(*reads.values()) - set(reads[choice]) if self.was_set(n))
+        if not unread:
+            return
+        readers = [value for value, names in reads.items() if set(unread) <= set(names)]
+        flags = ", ".join("--" + name.replace("_", "-") for name in unread)
+        raise InputError(f"--{flag} {choice} does not read {flags}; drop {'them' if len(unread) > 1 else 'it'}"
+                         + (f" (--{flag} {' or '.join(readers)} does)" if readers else ""))  # fmt: skip
+
     def resolved(self) -> RecipeConfig:
         """This config with the ``--quick`` overrides applied, and its values checked.
 

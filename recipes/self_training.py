@@ -150,20 +150,8 @@ def check_config(config: Config, target: data.Dataset) -> None:
         raise InputError("--guard-folds 1 holds nothing out; give 2 or more (0: the default choice)")
     if config.balance not in BALANCES:
         raise InputError(f"unknown --balance {config.balance!r}; choose one of {', '.join(BALANCES)}")
-    ignored = [name for name in set().union(*READS.values()) - set(READS[config.method]) if was_set(config, name)]
-    if ignored:
-        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(ignored))
-        raise InputError(f"--method {config.method} does not read {flags}; drop {'them' if len(ignored) > 1 else 'it'}"
-                         f" (methods that do: {', '.join(m for m in METHODS if set(ignored) <= set(READS[m]))})")  # fmt: skip
+    config.refuse_unread("method", config.method, READS)
     semi.parse_fractions(config.fractions)
-
-
-def was_set(config: Config, name: str) -> bool:
-    """Whether the user set option ``name``: on the command line, or to a value other than its
-    default (and other than ``--quick``'s)."""
-    default = next(f.default for f in dataclasses.fields(config) if f.name == name)
-    value = getattr(config, name)
-    return name in config.given or (value != default and not (config.quick and config.QUICK.get(name) == value))
 
 
 def split_target(target: data.Dataset, config: Config) -> semi.Split:

@@ -114,3 +114,13 @@ def test_run_cli_reports_bad_input_in_one_line_and_exits_2(capsys, monkeypatch):
         run_cli(DemoConfig, _demo_run, ["--dataset", "no_such_data"])
     with pytest.raises(KeyError):
         run_cli(DemoConfig, _demo_run, ["--dataset", "bug"])
+
+
+def test_an_option_only_other_choices_read_is_refused_but_quick_values_are_not_counted():
+    reads = {"fast": ("epochs",), "careful": ("epochs", "augment"), "plain": ()}
+    DemoConfig(quick=True).resolved().refuse_unread("mode", "plain", reads)  # --quick set epochs=1: not the user
+    assert parse_config(DemoConfig, ["--epochs", "5"]).was_set("epochs")  # given, even at the default value
+    with pytest.raises(InputError, match=r"--mode plain does not read --augment, --epochs; drop them \(--mode careful does\)"):  # fmt: skip
+        DemoConfig(epochs=3, augment=True).refuse_unread("mode", "plain", reads)
+    with pytest.raises(InputError, match=r"--mode fast does not read --augment; drop it \(--mode careful does\)$"):
+        DemoConfig(augment=True).refuse_unread("mode", "fast", reads)
