@@ -301,7 +301,9 @@ def test_notebook_runs_in_quick_mode():
 # points (seeds 0 / 1 / 2; `python -m recipes.self_training --unlabeled 6000 --test-images 2000
 # --seed S`); the test runs seed 0, the smallest gain. A broken pseudo-labelling (wrong classes,
 # pseudo-labels misaligned with the pool, a head fit on the labels alone) fails it.
-SMALL_RUN = ["--test-images", "2000"]  # the whole pool: on 6,000 images the guard kept transfer (seed 0)
+# The curriculum itself must learn: without the guard (tested on its own in test_self_training_pools.py),
+# which on this 6,000-image pool keeps transfer on seed 0 (held-out 0.78 vs 0.82 on 2 folds).
+SMALL_RUN = ["--unlabeled", "6000", "--test-images", "2000", "--no-guard"]
 MARGIN = 0.01
 
 
