@@ -390,10 +390,10 @@ def consistency(model: keras.Model, split: semi.Split, base: bases.Base | None, 
 
 
 def guarded_curriculum(features: dict, split: semi.Split, num_classes: int, config: Config):
-    """The curriculum on the pool, after the checks: foreign-looking images counted (or left out),
-    and the guard asked. Returns (the curriculum's
-    head, or None when the guard keeps transfer; the rounds; the pool's last probabilities; the
-    split and features actually used; the checks and the balance chosen, for metrics.json)."""
+    """The curriculum on the pool, after the checks: foreign-looking images counted (or left out)
+    and the guard asked. Returns (the curriculum's head, or None when the guard keeps transfer;
+    the rounds; the pool's last probabilities; the features and split actually used; the checks,
+    for metrics.json)."""
     features, split, checks = leave_out_foreign(features, split, config)
     checks["pool_used"] = len(split.x_pool)
     # A pool balanced to a skewed estimate is the riskier case, for its minority class above all:
