@@ -201,10 +201,9 @@ def leave_out_foreign(features: dict, split: semi.Split, config: Config) -> tupl
     """Count the pool images that look unlike every labeled class (``semi.foreign_mask``: beyond
     the least typical labeled image) and, with --foreign q > 0, leave out those beyond the
     labeled images' q-quantile. Returns the features, the split and the counts (printed)."""
-    counts = {"foreign_looking": int(semi.foreign_mask(features["labeled"], split.y_labeled, features["pool"], 1.0).sum())}  # fmt: skip
-    foreign = np.zeros(len(split.x_pool), bool)
-    if config.foreign > 0:
-        foreign = semi.foreign_mask(features["labeled"], split.y_labeled, features["pool"], config.foreign)
+    scores, own = semi.foreign_scores(features["labeled"], split.y_labeled, features["pool"])  # as semi.foreign_mask
+    counts = {"foreign_looking": int(np.sum(scores > own.max()))}
+    foreign = scores > np.quantile(own, config.foreign) if config.foreign > 0 else np.zeros(len(scores), bool)
     if foreign.all():
         raise InputError(f"--foreign {config.foreign}: every pool image looks unlike the labeled classes; "
                          "check that the pool holds images of these classes, or lower --foreign (0 keeps all)")  # fmt: skip
@@ -237,7 +236,7 @@ def choose_class_mix(head, pool: np.ndarray, y_labeled: np.ndarray, num_classes:
 
 
 def curriculum(labeled: np.ndarray, y_labeled: np.ndarray, pool: np.ndarray, num_classes: int, config: Config,
-               evaluate: tuple, hidden: np.ndarray | None = None, log: bool = True):  # fmt: skip
+               evaluate: tuple, hidden: np.ndarray | None = None, log: bool = True, class_mix=None):  # fmt: skip
     """Curriculum Labeling in feature space: label the pool, balance it to the class mix that
     ``choose_class_mix`` gives, keep each class's most confident share, refit the head on labels + pseudo-labels,
     raise the share. Labels come from the head (``confidence``) or spread along a k-NN graph of
@@ -245,13 +244,14 @@ def curriculum(labeled: np.ndarray, y_labeled: np.ndarray, pool: np.ndarray, num
 
     ``labeled`` (n, D) / ``y_labeled``, ``pool`` (N, D) features; ``evaluate`` = (features, labels)
     scored after each round (the test set; the held-out fold in ``guard``); ``hidden`` the pool's
-    labels, for precision only. Returns the last head, the rounds (printed when ``log``) and the
+    labels, for precision only; ``class_mix`` ``choose_class_mix``'s result if already computed
+    on these labels and pool. Returns the last head, the rounds (printed when ``log``) and the
     pool's last class probabilities. Under multi_worker every worker runs these scikit-learn steps
     on the same features and gets the same result: nothing here is distributed."""
     head, rounds, n = fit_head(labeled, y_labeled, config), [], len(y_labeled)
     kept, pseudo = np.empty(0, np.int64), np.empty(0, np.int64)
     graph = semi.knn_graph(np.concatenate([labeled, pool]), seed=config.seed) if config.labeler == "propagation" else None  # fmt: skip
-    prior, estimate = choose_class_mix(head, pool, y_labeled, num_classes, config)
+    prior, estimate = class_mix or choose_class_mix(head, pool, y_labeled, num_classes, config)
     for fraction in semi.parse_fractions(config.fractions):
         start = time.perf_counter()
         if graph is not None:
@@ -399,15 +399,15 @@ def guarded_curriculum(features: dict, split: semi.Split, num_classes: int, conf
     # A pool balanced to a skewed estimate is the riskier case, for its minority class above all:
     # there the guard holds out 5 folds (unless --guard-folds says) and no class may lose more than
     # one held-out image; elsewhere 2 folds and the overall accuracy decide.
-    mix, _ = choose_class_mix(fit_head(features["labeled"], split.y_labeled, config), features["pool"],
-                              split.y_labeled, num_classes, config)  # fmt: skip
+    class_mix = choose_class_mix(fit_head(features["labeled"], split.y_labeled, config), features["pool"],
+                                 split.y_labeled, num_classes, config)  # fmt: skip
     uniform = np.bincount(split.y_labeled, minlength=num_classes) / len(split.y_labeled)
-    skewed = mix is not None and not np.allclose(mix, uniform)
+    skewed = class_mix[0] is not None and not np.allclose(class_mix[0], uniform)
     if not config.guard_folds:
         config = dataclasses.replace(config, guard_folds=5 if skewed else 2)
     verdict = guard(features, split.y_labeled, num_classes, config) if config.guard else None
-    head, rounds, probabilities = curriculum(features["labeled"], split.y_labeled, features["pool"], num_classes,
-                                             config, (features["test"], split.y_test), split.hidden_labels)  # fmt: skip
+    head, rounds, probabilities = curriculum(features["labeled"], split.y_labeled, features["pool"], num_classes, config,
+                                             (features["test"], split.y_test), split.hidden_labels, class_mix=class_mix)  # fmt: skip
     if not config.guard:
         return head, rounds, probabilities, features, split, {**checks, "kept": "self_training"}
     if verdict is None:
