@@ -417,7 +417,9 @@ def pretrain_source_cnn(source: data.Dataset, settings: SourceSettings, verbose:
     """
     from scipy.stats import binomtest
 
-    keras.utils.set_random_seed(settings.seed)
+    from common.cli import set_seed
+
+    set_seed(settings.seed)  # and deterministic ops: the same base whatever ran before in the process
     x, y = source.x_train, source.y_train
     if settings.max_images and settings.max_images < len(x):  # the same number from every class
         per_class = settings.max_images // source.num_classes
@@ -642,10 +644,12 @@ def untrained_source_cnn(input_shape: tuple[int, int, int], num_classes: int, wi
                          seed: int = 0) -> Base:  # fmt: skip
     """``build_bn_cnn``'s base cut at ``cut``, with its random initial weights (seeded; no training).
 
-    Reseeds Keras, NumPy and Python's RNGs with ``seed`` (``keras.utils.set_random_seed``).
+    Reseeds Keras, NumPy and Python's RNGs with ``seed`` (``common.cli.set_seed``).
     Its BatchNorm layers hold their initial statistics (mean 0, variance 1).
     """
-    keras.utils.set_random_seed(seed)
+    from common.cli import set_seed
+
+    set_seed(seed)
     model = models.build_bn_cnn(input_shape, num_classes, width=width, name="untrained_cnn")
     info = {"kind": "untrained", "cut": cut, "seed": seed, "width": width}
     return Base("untrained", spatial_base(model.get_layer("base"), cut), _identity, tuple(input_shape), info)
