@@ -57,7 +57,18 @@ METHODS = ("curriculum", "noisy_student", "consistency")
 LABELERS = ("propagation", "confidence")
 BALANCES = ("auto", "estimated", "uniform", "none")
 # Options that only some methods read: set under another method, they are refused (check_config).
-FEATURE_SPACE = ("labeler", "fractions", "balance", "skew", "foreign", "guard", "guard_folds", "guard_pool", "head_c")
+FEATURE_SPACE = (
+    "labeler",
+    "fractions",
+    "balance",
+    "skew",
+    "skewed_max_share",
+    "foreign",
+    "guard",
+    "guard_folds",
+    "guard_pool",
+    "head_c",
+)
 STUDENT = ("student_rounds", "student_epochs", "student_view", "labeled_repeat")
 CONSISTENCY = ("steps", "teacher_steps", "threshold", "flexmatch", "unlabeled_ratio", "ema")
 READS = {"curriculum": FEATURE_SPACE, "noisy_student": FEATURE_SPACE + STUDENT + ("learning_rate", "batch_size"),
@@ -87,6 +98,7 @@ class Config(RecipeConfig):
     labeler: str = knob("propagation", "Pseudo-labels spread along a k-NN graph | from the head's confidence.")
     fractions: str = knob("0.2,0.4,0.6,0.8,1.0", "Curriculum: share of each class's pool predictions kept, per round.")
     balance: str = knob("auto", "Rescale pool predictions to a class mix (Sinkhorn-Knopp): the pool's, estimated by EM from transfer's head (Saerens et al. 2002) | uniform | none | auto (the estimate if it departs from the labels' mix by more than --skew, else the labels' mix).")  # fmt: skip
+    skewed_max_share: float = knob(0.8, "On a pool balanced to a skewed estimate of its mix: the curriculum's largest share (its least confident images are where the estimate's error lands).", minimum=0.01, maximum=1.0)  # fmt: skip
     skew: float = knob(0.15, "--balance auto: total variation between the estimated pool mix and the labels' mix above which the estimate is used.", minimum=0.0, maximum=1.0)  # fmt: skip
     foreign: float = knob(0.0, "Leave out pool images less like the labeled classes than this quantile of the labeled images (cosine to the nearest class mean), e.g. 1.0; 0 keeps all (and only counts them).", minimum=0.0, maximum=1.0)  # fmt: skip
     guard: bool = knob(True, "Cross-validate on the labels (--guard-folds) whether self-training beats transfer (on a skewed pool: without costing a class more than one held-out image); keep transfer's model if not.")  # fmt: skip
@@ -111,7 +123,8 @@ class Config(RecipeConfig):
     scratch_epochs: int = knob(100, "Epochs of the from-scratch reference on the labels.", minimum=1)
 
     QUICK = dict(unlabeled=2000, test_images=500, source_epochs=1, source_images=2000, fractions="0.5,1.0",
-                 student_rounds=1, student_epochs=1, labeled_repeat=2, steps=20, teacher_steps=20, scratch_epochs=3)  # fmt: skip
+                 student_rounds=1, student_epochs=1, labeled_repeat=2, steps=20, teacher_steps=20, scratch_epochs=3,
+                 guard_pool=500)  # fmt: skip
     MULTI_WORKER = True  # scratch and students through common.distributed.train; see run()
     BACKUP = True
 
@@ -225,14 +238,15 @@ def choose_class_mix(head, pool: np.ndarray, y_labeled: np.ndarray, num_classes:
     the labels' mix, ``none`` nothing (None), ``auto`` the estimate only when it departs from the
     labels' mix by more than ``--skew`` (total variation): on a balanced pool the head's
     calibration error alone puts the estimate 0.04-0.08 away, and balancing to it costs points
-    (docs/self_training_pools.md). Returns (target mix (K,) or None, estimate (K,))."""
+    (docs/self_training_pools.md). Returns (target mix (K,) or None, estimate (K,), whether the
+    target is a skewed estimate)."""
     labels_mix = np.bincount(y_labeled, minlength=num_classes) / len(y_labeled)
     estimate = semi.estimate_prior(head.predict_proba(pool), labels_mix)
     skewed = 0.5 * np.abs(estimate - labels_mix).sum() > config.skew
     target = {"estimated": estimate, "uniform": labels_mix, "none": None}.get(config.balance)
     if config.balance == "auto":
         target = estimate if skewed else labels_mix
-    return target, estimate
+    return target, estimate, target is not None and not np.allclose(target, labels_mix)
 
 
 def curriculum(labeled: np.ndarray, y_labeled: np.ndarray, pool: np.ndarray, num_classes: int, config: Config,
@@ -251,8 +265,11 @@ def curriculum(labeled: np.ndarray, y_labeled: np.ndarray, pool: np.ndarray, num
     head, rounds, n = fit_head(labeled, y_labeled, config), [], len(y_labeled)
     kept, pseudo = np.empty(0, np.int64), np.empty(0, np.int64)
     graph = semi.knn_graph(np.concatenate([labeled, pool]), seed=config.seed) if config.labeler == "propagation" else None  # fmt: skip
-    prior, estimate = class_mix or choose_class_mix(head, pool, y_labeled, num_classes, config)
-    for fraction in semi.parse_fractions(config.fractions):
+    prior, estimate, skewed = class_mix or choose_class_mix(head, pool, y_labeled, num_classes, config)
+    fractions = semi.parse_fractions(config.fractions)
+    if skewed:  # the estimate's error lands on the least confident images: they stay unlabeled
+        fractions = sorted({min(f, config.skewed_max_share) for f in fractions})
+    for fraction in fractions:
         start = time.perf_counter()
         if graph is not None:
             seeds = np.full(graph.shape[0], -1)
@@ -305,18 +322,18 @@ def guard(features: dict, y_labeled: np.ndarray, num_classes: int, config: Confi
 
 
 def noisy_students(base: bases.Base, head, probabilities: np.ndarray, prior, split: semi.Split, num_classes: int,
-                   config: Config, strategy=None, backup=None):  # fmt: skip
+                   config: Config, strategy=None, backup=None, share: float = 1.0):  # fmt: skip
     """Students in turn, each from the base and the curriculum head, trained on the labels
     (repeated) plus the pool labeled by ``probabilities`` (then by the previous student, each
     worker predicting a shard of the pool under multi_worker), balanced to ``prior`` (the
-    curriculum's last class mix; None: not balanced)."""
+    curriculum's last class mix; None: not balanced); of each class, the most confident ``share``."""
     strategy = strategy or tf.distribute.get_strategy()
     x_pool, x_labeled = data.to_input_shape(split.x_pool, base.input_shape), data.to_input_shape(split.x_labeled, base.input_shape)  # fmt: skip
     rounds, history, student = [], {}, None
     for number in range(1, config.student_rounds + 1):
         start = time.perf_counter()
-        pseudo = (probabilities if prior is None else semi.balance_classes(probabilities, prior)).argmax(axis=1)
-        x = np.concatenate([np.repeat(x_labeled, config.labeled_repeat, axis=0), x_pool])
+        kept, pseudo = semi.select_top_fraction(probabilities if prior is None else semi.balance_classes(probabilities, prior), share)  # fmt: skip
+        x = np.concatenate([np.repeat(x_labeled, config.labeled_repeat, axis=0), x_pool[kept]])
         y = np.concatenate([np.repeat(split.y_labeled, config.labeled_repeat), pseudo])
         with strategy.scope():
             student = semi.build_student(base, head, num_classes, config.dropout)
@@ -330,7 +347,7 @@ def noisy_students(base: bases.Base, head, probabilities: np.ndarray, prior, spl
             split.y_test, semi.predict_probabilities(student, split.x_test, base=base).argmax(axis=1)
         )
         rounds.append(semi.log_round(f"student {number}", accuracy,
-                                     semi.pseudo_label_stats(pseudo, split.hidden_labels, num_classes, len(pseudo)), start))  # fmt: skip
+                                     semi.pseudo_label_stats(pseudo, None if split.hidden_labels is None else split.hidden_labels[kept], num_classes, len(x_pool)), start))  # fmt: skip
     return student, rounds, history
 
 
@@ -401,8 +418,7 @@ def guarded_curriculum(features: dict, split: semi.Split, num_classes: int, conf
     # one held-out image; elsewhere 2 folds and the overall accuracy decide.
     class_mix = choose_class_mix(fit_head(features["labeled"], split.y_labeled, config), features["pool"],
                                  split.y_labeled, num_classes, config)  # fmt: skip
-    uniform = np.bincount(split.y_labeled, minlength=num_classes) / len(split.y_labeled)
-    skewed = class_mix[0] is not None and not np.allclose(class_mix[0], uniform)
+    skewed = checks["skewed_estimate"] = bool(class_mix[2])
     if not config.guard_folds:
         config = dataclasses.replace(config, guard_folds=5 if skewed else 2)
     verdict = guard(features, split.y_labeled, num_classes, config) if config.guard else None
@@ -432,8 +448,9 @@ def self_train_in_feature_space(base: bases.Base, transfer_head, features: dict,
     student = transfer_model(base, head, num_classes)
     if config.method == "noisy_student":
         prior = rounds[-1]["balanced_to"]
+        share = config.skewed_max_share if checks["skewed_estimate"] else 1.0
         student, more, histories["self_training"] = noisy_students(base, head, probabilities, prior, split,
-                                                                   num_classes, config, strategy, backup)  # fmt: skip
+                                                                   num_classes, config, strategy, backup, share)  # fmt: skip
         rounds += more
     return student, rounds, checks
 
