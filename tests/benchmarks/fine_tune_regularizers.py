@@ -15,7 +15,7 @@ the recipe's defaults otherwise (20 epochs at lr 1e-4, BatchNorm frozen):
 Prints test accuracy per variant (mean and range over seeds) and its gain over head_only.
 
     python -m tests.benchmarks.fine_tune_regularizers [--base source-cnn] [--budgets 10 50 200] [--seeds 0 1 2]
-        [--alphas 0.01 1] [--etas 0.001 0.1] [--decays 0.5]
+        [--alphas 0.01 1] [--etas 0.001 0.1] [--decays 0.5] [--only plain all_decay_0.5]
 """
 
 from __future__ import annotations
@@ -83,8 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alphas", type=float, nargs="*", default=[0.01, 1.0], help="L2-SP strengths")
     parser.add_argument("--etas", type=float, nargs="*", default=[1e-3, 0.1], help="BSS strengths")
     parser.add_argument("--decays", type=float, nargs="*", default=[0.5], help="layer-wise learning-rate decays")
+    parser.add_argument("--only", nargs="*", default=[], help="run only these variants, e.g. plain all_decay_0.5")
     args = parser.parse_args(argv)
     settings = variants(args.alphas, args.etas, args.decays)
+    unknown = sorted(set(args.only) - set(settings))
+    if unknown:
+        parser.error(f"--only {' '.join(unknown)}: not a variant here; choose from {', '.join(settings)}")
+    settings = {k: v for k, v in settings.items() if not args.only or k in args.only}
     for budget in args.budgets:
         start = time.perf_counter()
         runs = []
